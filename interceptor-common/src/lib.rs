@@ -1,0 +1,103 @@
+//! `#[repr(C)]` types and constants shared by interceptor's eBPF programs and its agent.
+//!
+//! Everything the kernel and userspace exchange through maps is defined here, once.
+#![no_std]
+
+/// Port of the agent's outbound listener, bound on 127.0.0.1 inside every enrolled pod.
+pub const OUTBOUND_PORT: u16 = 15001;
+/// Port of the agent's mutual-TLS tunnel listener, bound on each enrolled pod's address.
+pub const TUNNEL_PORT: u16 = 15008;
+
+/// Inbound mode value: plaintext accepted, nothing recorded by the mesh.
+pub const MODE_DISABLE: u32 = 1;
+/// Inbound mode value: plaintext accepted and recorded.
+pub const MODE_PERMISSIVE: u32 = 2;
+/// Inbound mode value: plaintext refused with a reset and recorded.
+pub const MODE_STRICT: u32 = 3;
+
+/// Key of the connection maps: the network namespace of a pod and a local TCP port (host order).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PodPortKey {
+    /// Cookie of the pod's network namespace (`SO_NETNS_COOKIE`).
+    pub netns_cookie: u64,
+    /// Local port of the pod's client socket, host byte order.
+    pub port: u16,
+    /// Explicit padding so the key has no uninitialised bytes.
+    pub _pad: [u8; 6],
+}
+
+/// The destination a pod asked for before the connect was redirected to the agent.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct OriginalDst {
+    /// IPv4 address, network byte order.
+    pub ip4: u32,
+    /// Port, host byte order.
+    pub port: u16,
+    /// Explicit padding.
+    pub _pad: u16,
+}
+
+/// Key of the inbound mode map: a pod address and a port (port 0 holds the workload default).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct InboundKey {
+    /// Pod IPv4 address, network byte order.
+    pub ip4: u32,
+    /// Destination port, host byte order; 0 for the workload-wide default.
+    pub port: u16,
+    /// Explicit padding.
+    pub _pad: u16,
+}
+
+/// Event kind: a plaintext SYN to a STRICT port was refused by the kernel.
+pub const EVENT_STRICT_DROP: u32 = 1;
+/// Event kind: a plaintext connection from outside the mesh was accepted by a pod.
+pub const EVENT_PLAINTEXT_OPEN: u32 = 2;
+/// Event kind: such a plaintext connection closed; carries its byte counts.
+pub const EVENT_PLAINTEXT_CLOSE: u32 = 3;
+
+/// A kernel-decided or kernel-observed inbound event, sent through the events ring buffer.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct KernelEvent {
+    /// One of the `EVENT_*` constants.
+    pub kind: u32,
+    /// Pod address, network byte order.
+    pub local_ip4: u32,
+    /// Caller address, network byte order.
+    pub remote_ip4: u32,
+    /// Pod port, host byte order.
+    pub local_port: u16,
+    /// Caller port, host byte order.
+    pub remote_port: u16,
+    /// Socket cookie; pairs an open event with its close event (0 for drops).
+    pub sock_cookie: u64,
+    /// `bpf_ktime_get_ns` (CLOCK_MONOTONIC) at the event.
+    pub monotonic_ns: u64,
+    /// Bytes received by the pod (close events only).
+    pub bytes_received: u64,
+    /// Bytes sent by the pod and acknowledged (close events only).
+    pub bytes_acked: u64,
+}
+
+/// Index in the per-CPU counters array: connects redirected to the agent.
+pub const COUNTER_REDIRECTED: u32 = 0;
+/// Index in the per-CPU counters array: plaintext SYNs refused under STRICT.
+pub const COUNTER_STRICT_DROPS: u32 = 1;
+/// Index in the per-CPU counters array: events lost because the ring buffer was full.
+pub const COUNTER_EVENTS_LOST: u32 = 2;
+/// Index in the per-CPU counters array: plaintext connections accepted from outside the mesh.
+pub const COUNTER_PLAINTEXT_ACCEPTED: u32 = 3;
+/// Number of per-CPU counters.
+pub const COUNTERS: u32 = 4;
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: all types are #[repr(C)], Copy, and have no padding that is not an explicit field.
+    unsafe impl aya::Pod for super::PodPortKey {}
+    unsafe impl aya::Pod for super::OriginalDst {}
+    unsafe impl aya::Pod for super::InboundKey {}
+    unsafe impl aya::Pod for super::KernelEvent {}
+}

@@ -1,0 +1,1 @@
+//! Mesh CA and workload identities (SPIFFE).

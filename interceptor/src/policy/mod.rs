@@ -1,0 +1,1 @@
+//! PeerAuthentication policies.

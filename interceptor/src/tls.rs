@@ -1,0 +1,1 @@
+//! rustls configurations for the agent-to-agent tunnel.
