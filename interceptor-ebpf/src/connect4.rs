@@ -1,0 +1,52 @@
+//! cgroup/connect4: redirect TCP connects of enrolled pods to the agent's outbound listener.
+
+use aya_ebpf::{
+    EbpfContext,
+    helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie},
+    macros::cgroup_sock_addr,
+    programs::SockAddrContext,
+};
+use interceptor_common::{COUNTER_REDIRECTED, OUTBOUND_PORT, OriginalDst};
+
+use crate::maps::{ENROLLED, ORIG_BY_COOKIE, count, is_local_only};
+
+const SOCK_STREAM: u32 = 1;
+const ALLOW: i32 = 1;
+
+/// Rewrites the destination of a pod's TCP connect to 127.0.0.1:OUTBOUND_PORT, which is the
+/// agent's listener inside that pod's own network namespace, and saves the original.
+#[cgroup_sock_addr(connect4)]
+pub fn redirect_connect4(ctx: SockAddrContext) -> i32 {
+    // SAFETY: the kernel passes a valid bpf_sock_addr for the duration of the program.
+    let addr = unsafe { &mut *ctx.sock_addr };
+    if addr.type_ != SOCK_STREAM || is_local_only(addr.user_ip4) {
+        return ALLOW;
+    }
+    // SAFETY: helpers allowed for cgroup_sock_addr programs.
+    let netns_cookie = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
+    if ENROLLED.get_ptr(netns_cookie).is_none() {
+        return ALLOW;
+    }
+    // user_port holds a network-order u16 in its low bytes; read it as the full u32.
+    let port = u16::from_be(addr.user_port as u16);
+    let original = OriginalDst {
+        ip4: addr.user_ip4,
+        port,
+        _pad: 0,
+    };
+    // SAFETY: as above.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    if ORIG_BY_COOKIE.insert(cookie, original, 0).is_err() {
+        // Without a saved destination the agent could not proxy; the app gets a plain connect.
+        return ALLOW;
+    }
+    // Volatile writes keep LLVM from merging the two 32-bit context stores into one 64-bit
+    // store, which the verifier rejects.
+    // SAFETY: both fields are writable in connect4.
+    unsafe {
+        core::ptr::write_volatile(&mut addr.user_ip4, u32::from_ne_bytes([127, 0, 0, 1]));
+        core::ptr::write_volatile(&mut addr.user_port, u32::from(OUTBOUND_PORT.to_be()));
+    }
+    count(COUNTER_REDIRECTED);
+    ALLOW
+}

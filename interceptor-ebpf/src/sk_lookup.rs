@@ -1,0 +1,60 @@
+//! sk_lookup in each enrolled pod's network namespace: the pod's door for plaintext.
+//!
+//! Runs for every new inbound TCP connection before the listener is chosen. A SYN to a STRICT
+//! port is refused here (SK_DROP makes the kernel answer with a reset), so STRICT holds while
+//! the agent is down. The agent's deliveries arrive over the pod's loopback and its tunnel
+//! port is exempt, so mutual TLS from the mesh is never refused.
+
+use aya_ebpf::{
+    bindings::sk_action::{SK_DROP, SK_PASS},
+    helpers::bpf_ktime_get_ns,
+    macros::sk_lookup,
+    programs::SkLookupContext,
+};
+use interceptor_common::{
+    COUNTER_STRICT_DROPS, EVENT_STRICT_DROP, InboundKey, KernelEvent, MODE_STRICT, TUNNEL_PORT,
+};
+
+use crate::maps::{INBOUND_MODE, count, emit, is_local_only};
+
+const AF_INET: u32 = 2;
+const IPPROTO_TCP: u32 = 6;
+
+/// Refuses plaintext SYNs to STRICT ports of enrolled pods and reports each refusal.
+#[sk_lookup]
+pub fn pod_door(ctx: SkLookupContext) -> u32 {
+    // SAFETY: the kernel passes a valid bpf_sk_lookup for the duration of the program.
+    let lookup = unsafe { &*ctx.lookup };
+    if lookup.family != AF_INET || lookup.protocol != IPPROTO_TCP {
+        return SK_PASS;
+    }
+    let local_ip4 = lookup.local_ip4;
+    let local_port = lookup.local_port as u16;
+    if is_local_only(local_ip4) || local_port == TUNNEL_PORT {
+        return SK_PASS;
+    }
+    if mode_for(local_ip4, local_port) != Some(MODE_STRICT) {
+        return SK_PASS;
+    }
+    count(COUNTER_STRICT_DROPS);
+    emit(KernelEvent {
+        kind: EVENT_STRICT_DROP,
+        local_ip4,
+        remote_ip4: lookup.remote_ip4,
+        local_port,
+        remote_port: u16::from_be(lookup.remote_port),
+        sock_cookie: 0,
+        // SAFETY: helper allowed for sk_lookup programs.
+        monotonic_ns: unsafe { bpf_ktime_get_ns() },
+        bytes_received: 0,
+        bytes_acked: 0,
+    });
+    SK_DROP
+}
+
+/// The port's own mode if it has one, else the workload default.
+fn mode_for(ip4: u32, port: u16) -> Option<u32> {
+    let key = |port| InboundKey { ip4, port, _pad: 0 };
+    // SAFETY: values are plain u32s copied out at once.
+    unsafe { INBOUND_MODE.get(key(port)).or_else(|| INBOUND_MODE.get(key(0))).copied() }
+}

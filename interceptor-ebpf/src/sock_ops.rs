@@ -1,0 +1,108 @@
+//! sockops on the pods' cgroup: re-key redirected connects by local port, and report plaintext
+//! connections that pods accept from outside the mesh.
+
+use aya_ebpf::{
+    EbpfContext,
+    bindings::{
+        BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG,
+        BPF_SOCK_OPS_TCP_CONNECT_CB, BPF_TCP_CLOSE,
+    },
+    helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_ktime_get_ns},
+    macros::sock_ops,
+    programs::SockOpsContext,
+};
+use interceptor_common::{
+    COUNTER_PLAINTEXT_ACCEPTED, EVENT_PLAINTEXT_CLOSE, EVENT_PLAINTEXT_OPEN, InboundKey,
+    KernelEvent, PodPortKey,
+};
+
+use crate::maps::{INBOUND_MODE, ORIG_BY_COOKIE, ORIG_BY_PORT, count, emit, is_local_only};
+
+const AF_INET: u32 = 2;
+
+/// Dispatches on the sockops callback.
+#[sock_ops]
+pub fn observe_sock_ops(ctx: SockOpsContext) -> u32 {
+    if ctx.family() != AF_INET {
+        return 1;
+    }
+    match ctx.op() {
+        BPF_SOCK_OPS_TCP_CONNECT_CB => rekey_original_dst(&ctx),
+        BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB => report_plaintext_open(&ctx),
+        BPF_SOCK_OPS_STATE_CB if ctx.arg(1) == BPF_TCP_CLOSE => report_plaintext_close(&ctx),
+        _ => {}
+    }
+    1
+}
+
+/// The agent finds a redirected connection by the peer port it sees after accept, so move the
+/// saved destination from the socket cookie to (netns, local port) now that the port is bound.
+fn rekey_original_dst(ctx: &SockOpsContext) {
+    // SAFETY: helpers allowed for sockops programs.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    // SAFETY: the value is copied out before the entry is removed.
+    let Some(original) = (unsafe { ORIG_BY_COOKIE.get(cookie) }).copied() else {
+        return;
+    };
+    let key = PodPortKey {
+        // SAFETY: as above.
+        netns_cookie: unsafe { bpf_get_netns_cookie(ctx.as_ptr()) },
+        port: ctx.local_port() as u16,
+        _pad: [0; 6],
+    };
+    let _ = ORIG_BY_PORT.insert(key, original, 0);
+    let _ = ORIG_BY_COOKIE.remove(cookie);
+}
+
+/// A pod accepted a connection on its own address (not loopback, where the agent delivers):
+/// that is plaintext from outside the mesh, which the mode allowed.
+fn report_plaintext_open(ctx: &SockOpsContext) {
+    let local_ip4 = ctx.local_ip4();
+    if is_local_only(local_ip4) || !is_enrolled_address(local_ip4) {
+        return;
+    }
+    let _ = ctx.set_cb_flags(BPF_SOCK_OPS_STATE_CB_FLAG as i32);
+    count(COUNTER_PLAINTEXT_ACCEPTED);
+    emit(event(ctx, EVENT_PLAINTEXT_OPEN));
+}
+
+fn report_plaintext_close(ctx: &SockOpsContext) {
+    let mut close = event(ctx, EVENT_PLAINTEXT_CLOSE);
+    // SAFETY: the context pointer is valid; these fields are readable in every callback.
+    unsafe {
+        close.bytes_received = (*ctx.ops).bytes_received;
+        close.bytes_acked = (*ctx.ops).bytes_acked;
+    }
+    emit(close);
+}
+
+fn is_enrolled_address(ip4: u32) -> bool {
+    let key = InboundKey {
+        ip4,
+        port: 0,
+        _pad: 0,
+    };
+    INBOUND_MODE.get_ptr(key).is_some()
+}
+
+fn event(ctx: &SockOpsContext, kind: u32) -> KernelEvent {
+    KernelEvent {
+        kind,
+        local_ip4: ctx.local_ip4(),
+        remote_ip4: ctx.remote_ip4(),
+        local_port: ctx.local_port() as u16,
+        remote_port: remote_port_host_order(ctx.remote_port()),
+        // SAFETY: helpers allowed for sockops programs.
+        sock_cookie: unsafe { bpf_get_socket_cookie(ctx.as_ptr()) },
+        // SAFETY: as above.
+        monotonic_ns: unsafe { bpf_ktime_get_ns() },
+        bytes_received: 0,
+        bytes_acked: 0,
+    }
+}
+
+/// sockops exposes the network-order port in the upper 16 bits on little-endian machines.
+fn remote_port_host_order(raw: u32) -> u16 {
+    let network_order = if raw > 0xffff { (raw >> 16) as u16 } else { raw as u16 };
+    u16::from_be(network_order)
+}

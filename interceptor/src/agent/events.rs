@@ -1,0 +1,105 @@
+//! Kernel events: STRICT refusals and plaintext connections the pods accepted, turned into
+//! connection records. Events written while the agent was down wait in the pinned ring buffer
+//! and are recorded when it comes back.
+
+use std::{
+    collections::HashMap,
+    net::{Ipv4Addr, SocketAddr, SocketAddrV4},
+    sync::Arc,
+    time::{Duration, SystemTime},
+};
+
+use aya::maps::{MapData, RingBuf};
+use interceptor_common::{EVENT_PLAINTEXT_CLOSE, EVENT_PLAINTEXT_OPEN, EVENT_STRICT_DROP, KernelEvent};
+use tokio::io::unix::AsyncFd;
+use tracing::warn;
+
+use super::Agent;
+use crate::{
+    records::{Direction, NewConnection, Security, Verdict},
+};
+
+/// Reads the ring buffer until the task is aborted.
+pub(super) async fn serve(events: RingBuf<MapData>, agent: Arc<Agent>) {
+    // SAFETY: the ring buffer owns its fd and lives inside the AsyncFd until the task ends.
+    let mut events = match unsafe { AsyncFd::register(events) } {
+        Ok(fd) => fd,
+        Err(e) => {
+            warn!("kernel events unavailable: {e}");
+            return;
+        }
+    };
+    let mut open_plaintext: HashMap<u64, u64> = HashMap::new();
+    loop {
+        let batch = drain(events.get_mut());
+        for event in batch {
+            record(&agent, &event, &mut open_plaintext).await;
+        }
+        match events.readable_mut().await {
+            Ok(mut guard) => guard.clear_ready(),
+            Err(e) => {
+                warn!("kernel events: {e}");
+                return;
+            }
+        }
+    }
+}
+
+fn drain(ring: &mut RingBuf<MapData>) -> Vec<KernelEvent> {
+    let mut batch = Vec::new();
+    while let Some(item) = ring.next() {
+        if item.len() >= std::mem::size_of::<KernelEvent>() {
+            // SAFETY: the kernel wrote a KernelEvent; read_unaligned copes with any alignment.
+            batch.push(unsafe { std::ptr::read_unaligned(item.as_ptr().cast::<KernelEvent>()) });
+        }
+    }
+    batch
+}
+
+async fn record(agent: &Agent, event: &KernelEvent, open_plaintext: &mut HashMap<u64, u64>) {
+    let local = Ipv4Addr::from(u32::from_be(event.local_ip4));
+    let remote = Ipv4Addr::from(u32::from_be(event.remote_ip4));
+    let Some((workload, identity)) = agent.workload_at(local).await else {
+        return;
+    };
+    let decision = match agent.spec_of(&workload).await {
+        Some(spec) => agent.decision_for(&spec, event.local_port),
+        None => return,
+    };
+    let conn = NewConnection {
+        direction: Direction::Inbound,
+        source: SocketAddr::V4(SocketAddrV4::new(remote, event.remote_port)),
+        source_identity: None,
+        source_workload: None,
+        destination: SocketAddr::V4(SocketAddrV4::new(local, event.local_port)),
+        destination_identity: Some(identity),
+        destination_workload: Some(workload),
+        security: Security::Plaintext,
+    };
+    let records = agent.records();
+    match event.kind {
+        EVENT_STRICT_DROP => {
+            let start = wall_time_of(event.monotonic_ns);
+            let reason = format!("plaintext refused: {}", super::describe_decision(&decision));
+            records.refused_at(conn, Verdict::Dropped, reason, start);
+        }
+        EVENT_PLAINTEXT_OPEN => {
+            let id = records.open_with_reason(conn, format!("plaintext allowed: {}", super::describe_decision(&decision)));
+            open_plaintext.insert(event.sock_cookie, id);
+        }
+        EVENT_PLAINTEXT_CLOSE => {
+            if let Some(id) = open_plaintext.remove(&event.sock_cookie) {
+                records.close(id, event.bytes_received, event.bytes_acked, None);
+            }
+        }
+        other => warn!("unknown kernel event kind {other}"),
+    }
+}
+
+/// Wall-clock time of a CLOCK_MONOTONIC timestamp from the kernel.
+fn wall_time_of(monotonic_ns: u64) -> SystemTime {
+    let now_ns = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
+        .map(|t| t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64)
+        .unwrap_or(monotonic_ns);
+    SystemTime::now() - Duration::from_nanos(now_ns.saturating_sub(monotonic_ns))
+}

@@ -1,0 +1,212 @@
+//! The node agent: owns the kernel programs, the enrolled workloads, the policy and the
+//! records, and serves the admin socket.
+
+mod events;
+mod policy_sync;
+mod workload;
+
+use std::{
+    collections::BTreeMap,
+    net::{Ipv4Addr, SocketAddr},
+    path::PathBuf,
+    sync::{Arc, Mutex},
+};
+
+use anyhow::Context;
+use tokio::sync::Mutex as AsyncMutex;
+use tracing::{info, warn};
+
+use crate::{
+    admin::{self, protocol::Request},
+    directory::MeshDirectory,
+    ebpf::Kernel,
+    identity::Ca,
+    policy::PolicySet,
+    proxy::ProxyShared,
+    records::RecordStore,
+    workloads::WorkloadKey,
+};
+
+pub use policy_sync::PolicyReport;
+pub use workload::RunningWorkload;
+
+/// "STRICT by istio-system/default", or the built-in default when no policy decided.
+pub fn describe_decision(decision: &crate::policy::Decision) -> String {
+    let mode = format!("{:?}", decision.mode).to_uppercase();
+    match &decision.policy {
+        Some(policy) => format!("{mode} by {}/{}", policy.namespace, policy.name),
+        None => format!("{mode} (mesh default, no policy)"),
+    }
+}
+
+/// Everything `interceptor agent` is told on its command line.
+#[derive(Clone, Debug)]
+pub struct AgentConfig {
+    /// Name of this node; names the bpffs pin directory by default.
+    pub node_name: String,
+    /// The cgroup (v2) that holds this node's pods; capture is attached here.
+    pub pods_cgroup: PathBuf,
+    /// Directory of the mesh CA (`interceptor ca init`).
+    pub ca_dir: PathBuf,
+    /// Where maps and links are pinned.
+    pub bpf_dir: PathBuf,
+    /// Where the agent keeps enrolled workloads and applied policies across restarts.
+    pub state_dir: PathBuf,
+    /// The admin unix socket.
+    pub admin_socket: PathBuf,
+    /// The mesh directory shared by all agents.
+    pub mesh_dir: PathBuf,
+    /// A directory of policy files loaded at start and watched for changes.
+    pub policy_dir: Option<PathBuf>,
+    /// Istio's root namespace: policies there without a selector apply mesh-wide.
+    pub root_namespace: String,
+    /// Address of the HTTP admin port (metrics, health).
+    pub metrics_addr: Option<SocketAddr>,
+    /// How many recent connection records to keep.
+    pub record_capacity: usize,
+}
+
+/// The running agent.
+pub struct Agent {
+    config: AgentConfig,
+    ca: Ca,
+    shared: Arc<ProxyShared>,
+    workloads: AsyncMutex<BTreeMap<WorkloadKey, RunningWorkload>>,
+    policy: Mutex<policy_sync::PolicyState>,
+}
+
+impl Agent {
+    /// Loads the kernel programs, restores saved workloads and serves until the process ends.
+    pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
+        let ca = Ca::load(&config.ca_dir).context("loading the mesh CA (--ca-dir)")?;
+        let mut kernel = Kernel::load(&config.bpf_dir, &config.pods_cgroup)
+            .with_context(|| format!("attaching to the pods cgroup {}", config.pods_cgroup.display()))?;
+        let events = kernel.take_events()?;
+        std::fs::create_dir_all(&config.state_dir)
+            .with_context(|| format!("state directory {}", config.state_dir.display()))?;
+        let shared = Arc::new(ProxyShared {
+            kernel: Arc::new(Mutex::new(kernel)),
+            directory: MeshDirectory::open(&config.mesh_dir)?,
+            records: Arc::new(RecordStore::new(config.record_capacity)),
+        });
+        let policy = policy_sync::PolicyState::load(&config)?;
+        let agent = Arc::new(Agent {
+            ca,
+            shared,
+            workloads: AsyncMutex::new(BTreeMap::new()),
+            policy: Mutex::new(policy),
+            config,
+        });
+        let admin_listener = admin::server::bind(&agent.config.admin_socket)
+            .with_context(|| format!("admin socket {}", agent.config.admin_socket.display()))?;
+        agent.restore_workloads().await;
+        tokio::spawn(events::serve(events, agent.clone()));
+        if agent.config.policy_dir.is_some() {
+            tokio::spawn(policy_sync::watch_policy_dir(agent.clone()));
+        }
+        info!(node = %agent.config.node_name, socket = %agent.config.admin_socket.display(), "agent ready");
+        tokio::select! {
+            _ = admin::server::serve(admin_listener, agent.clone()) => {}
+            _ = shutdown_signal() => info!("shutting down; kernel enforcement stays pinned"),
+        }
+        Ok(())
+    }
+
+    /// The connection records.
+    pub fn records(&self) -> &RecordStore {
+        &self.shared.records
+    }
+
+    /// Kernel counters.
+    pub fn kernel_counters(&self) -> crate::ebpf::KernelCounters {
+        self.shared
+            .kernel
+            .lock()
+            .map(|kernel| kernel.counters())
+            .unwrap_or_default()
+    }
+
+    /// Answers an admin request.
+    pub async fn handle(&self, request: Request) -> Result<serde_json::Value, String> {
+        let json = |value: serde_json::Result<serde_json::Value>| value.map_err(|e| e.to_string());
+        match request {
+            Request::WorkloadAdd { spec } => json(serde_json::to_value(self.add_workload(spec).await?)),
+            Request::WorkloadRemove { namespace, name } => {
+                self.remove_workload(&WorkloadKey { namespace, name }).await?;
+                Ok(serde_json::Value::Null)
+            }
+            Request::WorkloadList => json(serde_json::to_value(self.list_workloads().await)),
+            Request::PolicyApply { policies } => json(serde_json::to_value(self.apply_policies(policies).await?)),
+            Request::PolicyList => json(serde_json::to_value(self.policy_report().await)),
+            Request::PolicyDelete { namespace, name } => {
+                self.delete_policy(&namespace, &name).await?;
+                Ok(serde_json::Value::Null)
+            }
+            Request::Status => json(serde_json::to_value(self.status().await)),
+            Request::Watch => Err("watch is a streaming request".into()),
+        }
+    }
+
+    /// The enrolled workload that owns `ip`, if any.
+    pub async fn workload_at(&self, ip: Ipv4Addr) -> Option<(WorkloadKey, String)> {
+        self.workloads
+            .lock()
+            .await
+            .iter()
+            .find(|(_, running)| running.ip == ip)
+            .map(|(key, running)| (key.clone(), running.identity.to_string()))
+    }
+
+    fn policy_set(&self) -> PolicySet {
+        self.policy
+            .lock()
+            .map(|state| state.active().clone())
+            .unwrap_or_else(|p| p.into_inner().active().clone())
+    }
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+        warn!("cannot install signal handlers");
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+}
+
+impl Agent {
+    /// Totals per workload, kernel counters and recent records.
+    pub async fn status(&self) -> crate::status::StatusReport {
+        let totals = self.records().totals();
+        let workloads = self.workloads.lock().await;
+        let mut rows: Vec<crate::status::WorkloadStatus> = workloads
+            .iter()
+            .map(|(key, running)| crate::status::WorkloadStatus {
+                workload: key.to_string(),
+                identity: Some(running.identity.to_string()),
+                ip: Some(running.ip),
+                totals: totals.get(key).copied().unwrap_or_default(),
+            })
+            .collect();
+        rows.extend(
+            totals
+                .iter()
+                .filter(|(key, _)| !workloads.contains_key(*key))
+                .map(|(key, totals)| crate::status::WorkloadStatus {
+                    workload: key.to_string(),
+                    identity: None,
+                    ip: None,
+                    totals: *totals,
+                }),
+        );
+        crate::status::StatusReport {
+            node: self.config.node_name.clone(),
+            workloads: rows,
+            kernel: self.kernel_counters(),
+            records: self.records().recent(),
+        }
+    }
+}

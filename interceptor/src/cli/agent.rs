@@ -1,0 +1,80 @@
+//! `interceptor agent`.
+
+use std::{net::SocketAddr, path::PathBuf};
+
+use anyhow::Context;
+use clap::Args;
+use tracing_subscriber::EnvFilter;
+
+use crate::agent::{Agent, AgentConfig};
+
+/// Run the node agent.
+///
+/// Attaches interceptor's eBPF programs to the cgroup that holds this node's pods, serves the
+/// admin socket for the CLI, and proxies enrolled pods' connections over mutual TLS. Kernel
+/// state is pinned under --bpf-dir, so STRICT pods keep refusing plaintext while the agent is
+/// down, and a restarted agent takes over its saved workloads.
+#[derive(Debug, Args)]
+pub struct AgentArgs {
+    /// Name of this node.
+    #[arg(long, env = "NODE_NAME")]
+    node_name: String,
+    /// The cgroup v2 directory holding this node's pods (e.g. /sys/fs/cgroup/kubepods.slice).
+    #[arg(long)]
+    pods_cgroup: PathBuf,
+    /// Directory of the mesh CA made by `interceptor ca init`.
+    #[arg(long)]
+    ca_dir: PathBuf,
+    /// Where kernel maps and links are pinned [default: /sys/fs/bpf/interceptor/<node-name>].
+    #[arg(long)]
+    bpf_dir: Option<PathBuf>,
+    /// Where enrolled workloads and applied policies are kept across restarts.
+    #[arg(long, default_value = "/var/lib/interceptor")]
+    state_dir: PathBuf,
+    /// The admin socket the CLI talks to.
+    #[arg(long, env = "INTERCEPTOR_ADMIN_SOCKET", default_value = crate::admin::DEFAULT_SOCKET)]
+    admin_socket: PathBuf,
+    /// Directory shared by all agents of the mesh, listing meshed workloads.
+    #[arg(long, default_value = "/var/run/interceptor/mesh")]
+    mesh_dir: PathBuf,
+    /// Directory of PeerAuthentication files, loaded at start and watched for changes.
+    #[arg(long)]
+    policy_dir: Option<PathBuf>,
+    /// Istio's root namespace: policies there without a selector apply mesh-wide.
+    #[arg(long, default_value = "istio-system")]
+    root_namespace: String,
+    /// HTTP address for /metrics and /healthz/ready.
+    #[arg(long)]
+    metrics_addr: Option<SocketAddr>,
+    /// How many recent connection records to keep in memory.
+    #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    record_capacity: u32,
+}
+
+/// Starts the runtime and the agent.
+pub fn run(args: AgentArgs) -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")))
+        .with_writer(std::io::stderr)
+        .init();
+    let config = AgentConfig {
+        bpf_dir: args
+            .bpf_dir
+            .unwrap_or_else(|| PathBuf::from("/sys/fs/bpf/interceptor").join(&args.node_name)),
+        node_name: args.node_name,
+        pods_cgroup: args.pods_cgroup,
+        ca_dir: args.ca_dir,
+        state_dir: args.state_dir,
+        admin_socket: args.admin_socket,
+        mesh_dir: args.mesh_dir,
+        policy_dir: args.policy_dir,
+        root_namespace: args.root_namespace,
+        metrics_addr: args.metrics_addr,
+        record_capacity: args.record_capacity as usize,
+    };
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?
+        .block_on(Agent::run(config))
+}

@@ -1,0 +1,126 @@
+//! `interceptor policy`.
+
+use std::path::PathBuf;
+
+use clap::Subcommand;
+
+use super::AdminSocket;
+use crate::{
+    admin::{client, protocol::Request},
+    agent::PolicyReport,
+    policy,
+};
+
+/// Policy commands.
+#[derive(Debug, Subcommand)]
+pub enum PolicyCommand {
+    /// Check PeerAuthentication files offline; errors name file, line and field.
+    Validate {
+        /// Files or directories (*.yaml, *.yml).
+        #[arg(required = true)]
+        paths: Vec<PathBuf>,
+    },
+    /// Send PeerAuthentication files to the running agent, all or nothing: if any object is
+    /// invalid, nothing changes.
+    Apply {
+        /// Files or directories (*.yaml, *.yml).
+        #[arg(required = true)]
+        paths: Vec<PathBuf>,
+        #[command(flatten)]
+        admin: AdminSocket,
+    },
+    /// Show active policies and the effective mode of each workload and port.
+    List {
+        /// Print JSON instead of tables.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        admin: AdminSocket,
+    },
+    /// Delete a policy.
+    Delete {
+        /// The policy's metadata.name.
+        name: String,
+        /// The policy's metadata.namespace.
+        #[arg(short = 'n', long)]
+        namespace: String,
+        #[command(flatten)]
+        admin: AdminSocket,
+    },
+}
+
+/// Runs a policy command.
+pub fn run(command: PolicyCommand) -> anyhow::Result<()> {
+    match command {
+        PolicyCommand::Validate { paths } => {
+            let objects = policy::load_paths(&paths)?;
+            policy::PolicySet::new("istio-system").with_applied(objects.clone())?;
+            println!("valid: {} PeerAuthentication object(s)", objects.len());
+        }
+        PolicyCommand::Apply { paths, admin } => {
+            let policies = policy::load_paths(&paths)?;
+            let count = policies.len();
+            let _: PolicyReport = client::call(&admin.path, &Request::PolicyApply { policies })?;
+            println!("applied {count} PeerAuthentication object(s)");
+        }
+        PolicyCommand::List { json, admin } => {
+            let report: PolicyReport = client::call(&admin.path, &Request::PolicyList)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                print_report(&report);
+            }
+        }
+        PolicyCommand::Delete {
+            name,
+            namespace,
+            admin,
+        } => {
+            let () = client::call(
+                &admin.path,
+                &Request::PolicyDelete {
+                    namespace: namespace.clone(),
+                    name: name.clone(),
+                },
+            )?;
+            println!("deleted {namespace}/{name}");
+        }
+    }
+    Ok(())
+}
+
+fn print_report(report: &PolicyReport) {
+    println!("POLICIES (root namespace {})", report.root_namespace);
+    if report.policies.is_empty() {
+        println!("  none: every workload is PERMISSIVE");
+    }
+    for p in &report.policies {
+        let scope = match (&p.selector, p.namespace == report.root_namespace) {
+            (Some(labels), _) => format!(
+                "workload {}",
+                labels
+                    .iter()
+                    .map(|(k, v)| format!("{k}={v}"))
+                    .collect::<Vec<_>>()
+                    .join(",")
+            ),
+            (None, true) => "mesh".to_owned(),
+            (None, false) => "namespace".to_owned(),
+        };
+        let ports: Vec<String> = p.port_level.iter().map(|(port, mode)| format!("{port}:{mode:?}")).collect();
+        println!(
+            "  {:<40} {:<28} {:<11} {}",
+            format!("{}/{}", p.namespace, p.name),
+            scope,
+            format!("{:?}", p.mode).to_uppercase(),
+            ports.join(" ")
+        );
+    }
+    println!("\nEFFECTIVE MODES");
+    for (workload, effective) in &report.workloads {
+        println!("  {workload:<40} default {}", crate::agent::describe_decision(&effective.default));
+        for (port, decision) in &effective.ports {
+            println!("  {:<40} port {port:<5} {}", "", crate::agent::describe_decision(decision));
+        }
+    }
+}

@@ -1,0 +1,328 @@
+//! Loads interceptor-ebpf, attaches it, and owns the maps the agent reads and writes.
+//!
+//! Maps are pinned under `<bpf_dir>/maps` and links under `<bpf_dir>/links`, so capture and
+//! STRICT enforcement keep working while the agent is down. A restarted agent reuses the pinned
+//! maps and keeps links that are already pinned.
+
+use std::{
+    fs::File,
+    net::Ipv4Addr,
+    path::{Path, PathBuf},
+};
+
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{HashMap, MapData, PerCpuArray, RingBuf},
+    programs::{
+        CgroupAttachMode, CgroupSockAddr, SkLookup, SockOps,
+        links::{FdLink, LinkError, PinnedLink},
+    },
+};
+use interceptor_common::{COUNTERS, InboundKey, OriginalDst, PodPortKey};
+
+/// The compiled eBPF object, built by build.rs.
+static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/interceptor"));
+
+const CONNECT4: &str = "redirect_connect4";
+const SOCK_OPS: &str = "observe_sock_ops";
+const POD_DOOR: &str = "pod_door";
+
+/// Errors from loading, attaching or using the kernel programs.
+#[derive(Debug, thiserror::Error)]
+pub enum EbpfError {
+    /// The object could not be loaded (verifier, permissions, bpffs).
+    #[error("loading the eBPF programs (are you root, is bpffs mounted?): {0}")]
+    Load(#[from] aya::EbpfError),
+    /// A program failed to load or attach.
+    #[error("eBPF program `{name}`: {source}")]
+    Program {
+        /// Program name.
+        name: &'static str,
+        /// Cause.
+        source: aya::programs::ProgramError,
+    },
+    /// A map is missing from the object or has the wrong type.
+    #[error("eBPF map `{name}`: {source}")]
+    Map {
+        /// Map name.
+        name: &'static str,
+        /// Cause.
+        source: aya::maps::MapError,
+    },
+    /// A link could not be pinned or opened.
+    #[error("eBPF link pin {path}: {message}")]
+    Pin {
+        /// Pin path.
+        path: PathBuf,
+        /// Cause.
+        message: String,
+    },
+    /// A file (cgroup, netns, pin directory) could not be opened.
+    #[error("{path}: {source}")]
+    Io {
+        /// The path at fault.
+        path: PathBuf,
+        /// Cause.
+        source: std::io::Error,
+    },
+}
+
+/// Sum of one per-CPU counter of the kernel programs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct KernelCounters {
+    /// Connects redirected to the agent.
+    pub redirected: u64,
+    /// Plaintext SYNs refused under STRICT.
+    pub strict_drops: u64,
+    /// Events lost because the ring buffer was full.
+    pub events_lost: u64,
+    /// Plaintext connections accepted by pods from outside the mesh.
+    pub plaintext_accepted: u64,
+}
+
+/// The loaded programs and the maps the agent uses.
+pub struct Kernel {
+    bpf: Ebpf,
+    links_dir: PathBuf,
+    enrolled: HashMap<MapData, u64, u32>,
+    original_dst: HashMap<MapData, PodPortKey, OriginalDst>,
+    inbound_mode: HashMap<MapData, InboundKey, u32>,
+    counters: PerCpuArray<MapData, u64>,
+}
+
+impl Kernel {
+    /// Loads the programs with maps pinned under `bpf_dir` and attaches capture to the pods'
+    /// cgroup (unless a previous agent's pinned links are still there).
+    pub fn load(bpf_dir: &Path, pods_cgroup: &Path) -> Result<Self, EbpfError> {
+        let maps_dir = bpf_dir.join("maps");
+        let links_dir = bpf_dir.join("links");
+        for dir in [&maps_dir, &links_dir] {
+            std::fs::create_dir_all(dir).map_err(|source| EbpfError::Io {
+                path: dir.clone(),
+                source,
+            })?;
+        }
+        let mut bpf = EbpfLoader::new()
+            .default_map_pin_directory(&maps_dir)
+            .load(EBPF_OBJECT)?;
+        let cgroup = File::open(pods_cgroup).map_err(|source| EbpfError::Io {
+            path: pods_cgroup.to_owned(),
+            source,
+        })?;
+        attach_connect4(&mut bpf, &cgroup, &links_dir)?;
+        attach_sock_ops(&mut bpf, &cgroup, &links_dir)?;
+        program::<SkLookup>(&mut bpf, POD_DOOR)?
+            .load()
+            .map_err(|source| EbpfError::Program {
+                name: POD_DOOR,
+                source,
+            })?;
+        Ok(Self {
+            enrolled: take_map(&mut bpf, "ENROLLED")?,
+            original_dst: take_map(&mut bpf, "ORIG_BY_PORT")?,
+            inbound_mode: take_map(&mut bpf, "INBOUND_MODE")?,
+            counters: take_map(&mut bpf, "COUNTERS")?,
+            links_dir,
+            bpf,
+        })
+    }
+
+    /// The kernel events ring buffer; call once.
+    pub fn take_events(&mut self) -> Result<RingBuf<MapData>, EbpfError> {
+        take_map(&mut self.bpf, "EVENTS")
+    }
+
+    /// Starts capture for a pod's network namespace and attaches its inbound door.
+    pub fn enroll(&mut self, netns_cookie: u64, netns: &Path) -> Result<(), EbpfError> {
+        let pin = self.links_dir.join(format!("pod-door-{netns_cookie}"));
+        if !pin.exists() {
+            let netns_file = File::open(netns).map_err(|source| EbpfError::Io {
+                path: netns.to_owned(),
+                source,
+            })?;
+            let prog = program::<SkLookup>(&mut self.bpf, POD_DOOR)?;
+            let id = prog.attach(&netns_file).map_err(|source| EbpfError::Program {
+                name: POD_DOOR,
+                source,
+            })?;
+            let link = prog.take_link(id).map_err(|source| EbpfError::Program {
+                name: POD_DOOR,
+                source,
+            })?;
+            pin_link(FdLink::from(link), &pin)?;
+        }
+        self.enrolled
+            .insert(netns_cookie, 1, 0)
+            .map_err(|source| EbpfError::Map {
+                name: "ENROLLED",
+                source,
+            })
+    }
+
+    /// Stops capture for a pod and detaches its door.
+    pub fn unenroll(&mut self, netns_cookie: u64) -> Result<(), EbpfError> {
+        ignore_missing(self.enrolled.remove(&netns_cookie)).map_err(|source| EbpfError::Map {
+            name: "ENROLLED",
+            source,
+        })?;
+        let pin = self.links_dir.join(format!("pod-door-{netns_cookie}"));
+        if pin.exists() {
+            let link = PinnedLink::from_pin(&pin).map_err(|e| pin_error(&pin, e))?;
+            // Unpinning and dropping the last reference detaches the program.
+            link.unpin().map_err(|e| EbpfError::Pin {
+                path: pin.clone(),
+                message: e.to_string(),
+            })?;
+        }
+        Ok(())
+    }
+
+    /// Makes the inbound modes of a pod address exactly `modes` (port 0 is the default).
+    /// New entries are written before stale ones are removed, so no SYN ever finds a pod
+    /// without its mode.
+    pub fn replace_inbound_modes(&mut self, ip: Ipv4Addr, modes: &[(u16, u32)]) -> Result<(), EbpfError> {
+        for &(port, mode) in modes {
+            self.inbound_mode
+                .insert(inbound_key(ip, port), mode, 0)
+                .map_err(|source| EbpfError::Map {
+                    name: "INBOUND_MODE",
+                    source,
+                })?;
+        }
+        let stale: Vec<InboundKey> = self
+            .inbound_mode
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|key| key.ip4 == u32::from(ip).to_be())
+            .filter(|key| !modes.iter().any(|&(port, _)| port == key.port))
+            .collect();
+        for key in stale {
+            ignore_missing(self.inbound_mode.remove(&key)).map_err(|source| EbpfError::Map {
+                name: "INBOUND_MODE",
+                source,
+            })?;
+        }
+        Ok(())
+    }
+
+    /// Takes the original destination of a redirected connection, found by the pod's network
+    /// namespace and the client's local port.
+    pub fn take_original_dst(&mut self, netns_cookie: u64, port: u16) -> Option<(Ipv4Addr, u16)> {
+        let key = PodPortKey {
+            netns_cookie,
+            port,
+            _pad: [0; 6],
+        };
+        let dst = self.original_dst.get(&key, 0).ok()?;
+        let _ = self.original_dst.remove(&key);
+        Some((Ipv4Addr::from(u32::from_be(dst.ip4)), dst.port))
+    }
+
+    /// Current totals of the kernel counters.
+    pub fn counters(&self) -> KernelCounters {
+        let total = |index: u32| -> u64 {
+            self.counters
+                .get(&index, 0)
+                .map(|per_cpu| per_cpu.iter().sum())
+                .unwrap_or(0)
+        };
+        debug_assert_eq!(COUNTERS, 4);
+        KernelCounters {
+            redirected: total(interceptor_common::COUNTER_REDIRECTED),
+            strict_drops: total(interceptor_common::COUNTER_STRICT_DROPS),
+            events_lost: total(interceptor_common::COUNTER_EVENTS_LOST),
+            plaintext_accepted: total(interceptor_common::COUNTER_PLAINTEXT_ACCEPTED),
+        }
+    }
+}
+
+/// Key of the inbound mode map for an address and port.
+fn inbound_key(ip: Ipv4Addr, port: u16) -> InboundKey {
+    InboundKey {
+        ip4: u32::from(ip).to_be(),
+        port,
+        _pad: 0,
+    }
+}
+
+fn attach_connect4(bpf: &mut Ebpf, cgroup: &File, links_dir: &Path) -> Result<(), EbpfError> {
+    let pin = links_dir.join("connect4");
+    let prog = program::<CgroupSockAddr>(bpf, CONNECT4)?;
+    let err = |source| EbpfError::Program {
+        name: CONNECT4,
+        source,
+    };
+    prog.load().map_err(err)?;
+    if pin.exists() {
+        return Ok(());
+    }
+    // bpf_link attachments to a cgroup always stack; "Single" means no legacy flags.
+    let id = prog.attach(cgroup, CgroupAttachMode::Single).map_err(err)?;
+    let link = prog.take_link(id).map_err(err)?;
+    pin_link(FdLink::try_from(link).map_err(|e| pin_error(&pin, e))?, &pin)
+}
+
+fn attach_sock_ops(bpf: &mut Ebpf, cgroup: &File, links_dir: &Path) -> Result<(), EbpfError> {
+    let pin = links_dir.join("sock_ops");
+    let prog = program::<SockOps>(bpf, SOCK_OPS)?;
+    let err = |source| EbpfError::Program {
+        name: SOCK_OPS,
+        source,
+    };
+    prog.load().map_err(err)?;
+    if pin.exists() {
+        return Ok(());
+    }
+    // bpf_link attachments to a cgroup always stack; "Single" means no legacy flags.
+    let id = prog.attach(cgroup, CgroupAttachMode::Single).map_err(err)?;
+    let link = prog.take_link(id).map_err(err)?;
+    pin_link(FdLink::try_from(link).map_err(|e| pin_error(&pin, e))?, &pin)
+}
+
+fn pin_link(link: FdLink, path: &Path) -> Result<(), EbpfError> {
+    link.pin(path).map(drop).map_err(|e| EbpfError::Pin {
+        path: path.to_owned(),
+        message: e.to_string(),
+    })
+}
+
+fn pin_error(path: &Path, error: LinkError) -> EbpfError {
+    EbpfError::Pin {
+        path: path.to_owned(),
+        message: error.to_string(),
+    }
+}
+
+fn program<'a, P>(bpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut P, EbpfError>
+where
+    &'a mut P: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
+{
+    let program = bpf.program_mut(name).ok_or(EbpfError::Program {
+        name,
+        source: aya::programs::ProgramError::UnexpectedProgramType,
+    })?;
+    program
+        .try_into()
+        .map_err(|source| EbpfError::Program { name, source })
+}
+
+fn take_map<M>(bpf: &mut Ebpf, name: &'static str) -> Result<M, EbpfError>
+where
+    M: TryFrom<aya::maps::Map, Error = aya::maps::MapError>,
+{
+    let map = bpf.take_map(name).ok_or(EbpfError::Map {
+        name,
+        source: aya::maps::MapError::InvalidName {
+            name: name.to_owned(),
+        },
+    })?;
+    M::try_from(map).map_err(|source| EbpfError::Map { name, source })
+}
+
+/// Removing an entry that is already gone is not an error here.
+fn ignore_missing(result: Result<(), aya::maps::MapError>) -> Result<(), aya::maps::MapError> {
+    match result {
+        Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+        other => other,
+    }
+}

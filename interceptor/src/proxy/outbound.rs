@@ -1,0 +1,187 @@
+//! Outbound: connections a pod made, redirected by connect4 to the pod's 127.0.0.1:15001.
+//!
+//! The original destination comes from the kernel map. A destination in the mesh is reached
+//! over mutual TLS to its agent's tunnel port, and only that way; a destination outside the
+//! mesh is reached in plaintext. Sockets to the destination are made in the pod's network
+//! namespace, so they leave with the pod's address.
+
+use std::{
+    net::{SocketAddr, SocketAddrV4},
+    sync::Arc,
+};
+
+use interceptor_common::TUNNEL_PORT;
+use tokio::net::{TcpListener, TcpStream};
+use tracing::{debug, warn};
+
+use super::{
+    PodProxy, ProxyShared,
+    header::{self, TunnelStatus},
+    relay::{self, Moved},
+};
+use crate::{
+    directory::DirectoryEntry,
+    records::{Direction, NewConnection, Security, Verdict},
+    tls,
+};
+
+/// Accepts redirected connections until the task is aborted.
+pub async fn serve(listener: TcpListener, pod: Arc<PodProxy>, shared: Arc<ProxyShared>) {
+    loop {
+        match listener.accept().await {
+            Ok((stream, peer)) => {
+                let _ = stream.set_nodelay(true);
+                tokio::spawn(handle(stream, peer, pod.clone(), shared.clone()));
+            }
+            Err(e) => {
+                warn!(workload = %pod.workload, "outbound accept: {e}");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+async fn handle(mut client: TcpStream, peer: SocketAddr, pod: Arc<PodProxy>, shared: Arc<ProxyShared>) {
+    let original = shared
+        .kernel
+        .lock()
+        .ok()
+        .and_then(|mut kernel| kernel.take_original_dst(pod.netns.cookie(), peer.port()));
+    let Some((ip, port)) = original else {
+        // Only connects the kernel redirected have an entry; anything else is not ours to carry.
+        warn!(workload = %pod.workload, %peer, "no original destination for redirected connection");
+        relay::reset(&client);
+        return;
+    };
+    let destination = SocketAddrV4::new(ip, port);
+    let source = SocketAddr::V4(SocketAddrV4::new(pod.ip, peer.port()));
+    match shared.directory.lookup(ip) {
+        Ok(Some(entry)) => mutual_tls(&mut client, source, destination, entry, &pod, &shared).await,
+        Ok(None) => plaintext(&mut client, source, destination, &pod, &shared).await,
+        Err(e) => {
+            let conn = new_connection(source, destination, &pod, None, Security::MutualTls);
+            shared
+                .records
+                .refused(conn, Verdict::Failed, format!("mesh directory: {e}"));
+            relay::reset(&client);
+        }
+    }
+}
+
+async fn mutual_tls(
+    client: &mut TcpStream,
+    source: SocketAddr,
+    destination: SocketAddrV4,
+    entry: DirectoryEntry,
+    pod: &PodProxy,
+    shared: &ProxyShared,
+) {
+    let conn = new_connection(source, destination, pod, Some(&entry), Security::MutualTls);
+    let tunnel = match open_tunnel(destination, &entry, pod).await {
+        Ok(tunnel) => tunnel,
+        Err(reason) => {
+            debug!(workload = %pod.workload, %destination, "tunnel failed: {reason}");
+            shared.records.refused(conn, Verdict::Failed, reason);
+            relay::reset(client);
+            return;
+        }
+    };
+    let mut tunnel = tunnel;
+    let id = shared.records.open(conn);
+    let result = relay::relay(client, &mut tunnel).await;
+    finish(shared, id, client, Some(tunnel.get_ref().0), result);
+}
+
+/// Connects to the destination agent, verifies it is the destination workload, and asks it to
+/// connect to the destination port.
+async fn open_tunnel(
+    destination: SocketAddrV4,
+    entry: &DirectoryEntry,
+    pod: &PodProxy,
+) -> Result<tokio_rustls::client::TlsStream<TcpStream>, String> {
+    let expected = entry
+        .identity
+        .parse()
+        .map_err(|e| format!("mesh directory identity {:?}: {e}", entry.identity))?;
+    let tcp = pod
+        .netns
+        .connect(SocketAddrV4::new(*destination.ip(), TUNNEL_PORT))
+        .await
+        .map_err(|e| format!("connecting to the destination agent: {e}"))?;
+    let (mut tunnel, _server) = tls::connect(pod.client_tls.clone(), &expected, tcp)
+        .await
+        .map_err(|e| format!("mutual TLS with the destination agent: {e}"))?;
+    header::write_request(&mut tunnel, destination.port())
+        .await
+        .map_err(|e| format!("tunnel request: {e}"))?;
+    match header::read_status(&mut tunnel).await {
+        Ok(TunnelStatus::Connected) => Ok(tunnel),
+        Ok(status) => Err(status.describe().to_owned()),
+        Err(e) => Err(format!("tunnel status: {e}")),
+    }
+}
+
+async fn plaintext(
+    client: &mut TcpStream,
+    source: SocketAddr,
+    destination: SocketAddrV4,
+    pod: &PodProxy,
+    shared: &ProxyShared,
+) {
+    let conn = new_connection(source, destination, pod, None, Security::Plaintext);
+    let mut upstream = match pod.netns.connect(destination).await {
+        Ok(upstream) => upstream,
+        Err(e) => {
+            shared
+                .records
+                .refused(conn, Verdict::Failed, format!("destination outside the mesh: {e}"));
+            relay::reset(client);
+            return;
+        }
+    };
+    let id = shared.records.open(conn);
+    let result = relay::relay(client, &mut upstream).await;
+    finish(shared, id, client, Some(&upstream), result);
+}
+
+/// Closes the record; after an error both sockets are reset so neither peer waits.
+fn finish(
+    shared: &ProxyShared,
+    id: u64,
+    client: &TcpStream,
+    upstream: Option<&TcpStream>,
+    result: std::io::Result<Moved>,
+) {
+    match result {
+        Ok(moved) => shared
+            .records
+            .close(id, moved.to_destination, moved.to_caller, None),
+        Err(e) => {
+            relay::reset(client);
+            if let Some(upstream) = upstream {
+                relay::reset(upstream);
+            }
+            shared.records.close(id, 0, 0, Some(format!("relay: {e}")));
+        }
+    }
+}
+
+fn new_connection(
+    source: SocketAddr,
+    destination: SocketAddrV4,
+    pod: &PodProxy,
+    entry: Option<&DirectoryEntry>,
+    security: Security,
+) -> NewConnection {
+    NewConnection {
+        direction: Direction::Outbound,
+        source,
+        source_identity: Some(pod.identity.to_string()),
+        source_workload: Some(pod.workload.clone()),
+        destination: SocketAddr::V4(destination),
+        destination_identity: entry.map(|e| e.identity.clone()),
+        destination_workload: entry.map(|e| e.workload.clone()),
+        security,
+    }
+}
+

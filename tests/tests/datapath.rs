@@ -1,0 +1,373 @@
+//! Issue 2: transparent capture and node-to-node mutual TLS on the lab (root, real kernel).
+
+use std::{
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, ensure};
+use interceptor_tests::{
+    lab::{Lab, LabOptions, Pod},
+    pattern,
+};
+use serde_json::Value;
+
+const HTTP_PORT: u16 = 8080;
+const SINK_PORT: u16 = 9000;
+
+/// Two nodes; pod `client` on node 1 and pod `server` on node 2 (HTTP on 8080, sink on 9000),
+/// both enrolled.
+fn two_node_lab() -> anyhow::Result<(Lab, Pod, Pod)> {
+    let mut lab = Lab::new(LabOptions::default())?;
+    let client = lab.add_pod(1, "client", "default")?;
+    let server = lab.add_pod(2, "server", "default")?;
+    lab.enroll(&client, "sleep", &[("app", "sleep")])?;
+    lab.enroll(&server, "tracker", &[("app", "position-tracker")])?;
+    start_servers(&mut lab, &server)?;
+    Ok((lab, client, server))
+}
+
+fn start_servers(lab: &mut Lab, pod: &Pod) -> anyhow::Result<()> {
+    for (kind, port) in [("http", HTTP_PORT), ("sink", SINK_PORT)] {
+        let mut command = lab.in_pod(pod, fixture())?;
+        command.args([kind, "--port", &port.to_string()]).stdout(Stdio::null());
+        lab.spawn(command)?;
+    }
+    wait_listening(lab, pod, HTTP_PORT)?;
+    wait_listening(lab, pod, SINK_PORT)
+}
+
+fn wait_listening(lab: &Lab, pod: &Pod, port: u16) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline {
+        let out = lab.in_pod(pod, "ss")?.args(["-Hltn", &format!("sport = :{port}")]).output()?;
+        if !out.stdout.is_empty() {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    anyhow::bail!("nothing listens on {}:{port}", pod.name)
+}
+
+fn fixture() -> &'static str {
+    env!("CARGO_BIN_EXE_lab-fixture")
+}
+
+fn curl(command: &mut Command, url: &str, extra: &[&str]) -> anyhow::Result<std::process::Output> {
+    Ok(command
+        .args(["-sS", "--max-time", "60"])
+        .args(extra)
+        .arg(url)
+        .stdin(Stdio::null())
+        .output()?)
+}
+
+fn status_json(lab: &Lab, node: u8) -> anyhow::Result<Value> {
+    let out = lab.cli_ok(node, &["status", "--output", "json"])?;
+    Ok(serde_json::from_str(&out)?)
+}
+
+fn records(lab: &Lab, node: u8) -> anyhow::Result<Vec<Value>> {
+    Ok(status_json(lab, node)?["records"].as_array().cloned().unwrap_or_default())
+}
+
+#[test]
+fn pod_to_pod_over_mutual_tls_with_large_transfers_and_no_plaintext_on_the_wire() -> anyhow::Result<()> {
+    let (mut lab, client, server) = two_node_lab()?;
+    let url = |path: &str| format!("http://{}:{HTTP_PORT}{path}", server.ip);
+
+    let body = curl(&mut lab.in_pod(&client, "curl")?, &url("/vehicles/"), &[])?;
+    ensure!(body.status.success(), "curl failed: {}", String::from_utf8_lossy(&body.stderr));
+    let vehicles: Value = serde_json::from_slice(&body.stdout)?;
+    ensure!(vehicles[0]["name"] == "Vehicle 1", "unexpected body {vehicles}");
+
+    // 100 MB each way, with a capture on node 1's link to the underlay during the upload.
+    const SIZE: u64 = 100 * 1024 * 1024;
+    let upload_file = lab.dir.join("upload.bin");
+    let marker = b"INTERCEPTOR-PLAINTEXT-MARKER-7f3a";
+    write_marked_file(&upload_file, SIZE, marker)?;
+    let expected_upload = sha256_file(&upload_file)?;
+    let capture = lab.dir.join("node1.pcap");
+    let tcpdump = start_capture(&mut lab, 1, &capture)?;
+    let upload = curl(
+        &mut lab.in_pod(&client, "curl")?,
+        &url("/upload"),
+        &["--data-binary", &format!("@{}", upload_file.display()), "-H", "Content-Type: application/octet-stream", "-H", "Expect:"],
+    )?;
+    stop_capture(tcpdump)?;
+    ensure!(upload.status.success(), "upload failed: {}", String::from_utf8_lossy(&upload.stderr));
+    let answer: Value = serde_json::from_slice(&upload.stdout)?;
+    ensure!(answer["bytes"] == SIZE, "upload size {answer}");
+    ensure!(answer["sha256"] == expected_upload.as_str(), "upload sha mismatch: {answer}");
+
+    let pcap = std::fs::read(&capture)?;
+    ensure!(pcap.len() > 1_000_000, "capture too small ({} bytes): was anything captured?", pcap.len());
+    ensure!(!contains(&pcap, marker), "plaintext payload marker found on the wire between nodes");
+    ensure!(count_tls_records(&capture)? > 100, "no TLS application data records on port 15008 in the capture");
+
+    let download_file = lab.dir.join("download.bin");
+    let download = curl(
+        &mut lab.in_pod(&client, "curl")?,
+        &url(&format!("/download/{SIZE}")),
+        &["-o", download_file.to_str().context("path")?],
+    )?;
+    ensure!(download.status.success(), "download failed: {}", String::from_utf8_lossy(&download.stderr));
+    ensure!(sha256_file(&download_file)? == pattern::sha256_hex(1, SIZE), "download sha mismatch");
+
+    // Both agents saw it as mutual TLS between the right identities.
+    let outbound = records(&lab, 1)?;
+    ensure!(
+        outbound.iter().any(|r| r["direction"] == "outbound"
+            && r["security"] == "mutual_tls"
+            && r["verdict"] == "allowed"
+            && r["source_identity"] == "spiffe://cluster.local/ns/default/sa/sleep"
+            && r["destination_identity"] == "spiffe://cluster.local/ns/default/sa/tracker"
+            && r["bytes_sent"].as_u64().unwrap_or(0) >= SIZE),
+        "agent 1 has no outbound mutual TLS record of the upload: {outbound:#?}"
+    );
+    let inbound = records(&lab, 2)?;
+    ensure!(
+        inbound.iter().any(|r| r["direction"] == "inbound"
+            && r["security"] == "mutual_tls"
+            && r["source_identity"] == "spiffe://cluster.local/ns/default/sa/sleep"
+            && r["bytes_received"].as_u64().unwrap_or(0) >= SIZE),
+        "agent 2 has no inbound mutual TLS record of the download: {inbound:#?}"
+    );
+    Ok(())
+}
+
+#[test]
+fn the_capture_check_sees_plaintext_when_traffic_bypasses_the_mesh() -> anyhow::Result<()> {
+    // Control for the test above: the same capture does find the marker in plaintext traffic.
+    let (mut lab, _client, server) = two_node_lab()?;
+    let file = lab.dir.join("plain.bin");
+    let marker = b"INTERCEPTOR-PLAINTEXT-MARKER-7f3a";
+    write_marked_file(&file, 4 * 1024 * 1024, marker)?;
+    let capture = lab.dir.join("plain.pcap");
+    let tcpdump = start_capture(&mut lab, 1, &capture)?;
+    let url = format!("http://{}:{HTTP_PORT}/upload", server.ip);
+    let out = curl(&mut lab.on_node(1, "curl")?, &url, &["--data-binary", &format!("@{}", file.display())])?;
+    stop_capture(tcpdump)?;
+    ensure!(out.status.success(), "plain upload failed: {}", String::from_utf8_lossy(&out.stderr));
+    ensure!(contains(&std::fs::read(&capture)?, marker), "marker not found in a plaintext capture");
+    Ok(())
+}
+
+#[test]
+fn processes_outside_the_pods_cgroup_are_not_captured() -> anyhow::Result<()> {
+    let (lab, _client, server) = two_node_lab()?;
+    let before = status_json(&lab, 1)?;
+    let out = curl(
+        &mut lab.on_node(1, "curl")?,
+        &format!("http://{}:{HTTP_PORT}/vehicles/", server.ip),
+        &[],
+    )?;
+    ensure!(out.status.success(), "direct call failed: {}", String::from_utf8_lossy(&out.stderr));
+    ensure!(String::from_utf8_lossy(&out.stdout).contains("Vehicle 1"));
+    let after = status_json(&lab, 1)?;
+    ensure!(after["records"] == before["records"], "agent 1 recorded a connection it must not see");
+    ensure!(
+        after["kernel"]["redirected"] == before["kernel"]["redirected"],
+        "the kernel redirected a connection from outside the pods' cgroup"
+    );
+    Ok(())
+}
+
+#[test]
+fn loopback_destinations_inside_a_pod_are_not_captured() -> anyhow::Result<()> {
+    let (mut lab, client, _server) = two_node_lab()?;
+    let mut command = lab.in_pod(&client, fixture())?;
+    command.args(["http", "--port", "7070"]).stdout(Stdio::null());
+    lab.spawn(command)?;
+    wait_listening(&lab, &client, 7070)?;
+    let before = status_json(&lab, 1)?["kernel"]["redirected"].clone();
+    let out = curl(&mut lab.in_pod(&client, "curl")?, "http://127.0.0.1:7070/vehicles/", &[])?;
+    ensure!(out.status.success(), "loopback call failed: {}", String::from_utf8_lossy(&out.stderr));
+    ensure!(status_json(&lab, 1)?["kernel"]["redirected"] == before, "a loopback connect was redirected");
+    Ok(())
+}
+
+#[test]
+fn destinations_outside_the_mesh_are_reached_in_plaintext() -> anyhow::Result<()> {
+    let (mut lab, client, _server) = two_node_lab()?;
+    let outsider = lab.add_pod(2, "outsider", "default")?;
+    let mut command = lab.in_pod(&outsider, fixture())?;
+    command.args(["http", "--port", "8080"]).stdout(Stdio::null());
+    lab.spawn(command)?;
+    wait_listening(&lab, &outsider, 8080)?;
+    let out = curl(
+        &mut lab.in_pod(&client, "curl")?,
+        &format!("http://{}:8080/vehicles/", outsider.ip),
+        &[],
+    )?;
+    ensure!(out.status.success(), "call failed: {}", String::from_utf8_lossy(&out.stderr));
+    let records = records(&lab, 1)?;
+    ensure!(
+        records.iter().any(|r| r["direction"] == "outbound"
+            && r["security"] == "plaintext"
+            && r["destination"] == format!("{}:8080", outsider.ip)),
+        "no outbound plaintext record: {records:#?}"
+    );
+    Ok(())
+}
+
+#[test]
+fn an_agent_with_a_certificate_from_another_ca_is_refused() -> anyhow::Result<()> {
+    let mut lab = Lab::new(LabOptions {
+        nodes: 3,
+        foreign_ca_nodes: vec![3],
+    })?;
+    let server = lab.add_pod(2, "server", "default")?;
+    let intruder = lab.add_pod(3, "intruder", "default")?;
+    lab.enroll(&server, "tracker", &[])?;
+    lab.enroll(&intruder, "sleep", &[])?;
+    start_servers(&mut lab, &server)?;
+    let requests_url = format!("http://{}:{HTTP_PORT}/requests", server.ip);
+    let out = curl(
+        &mut lab.in_pod(&intruder, "curl")?,
+        &format!("http://{}:{HTTP_PORT}/vehicles/", server.ip),
+        &[],
+    )?;
+    ensure!(!out.status.success(), "a foreign-CA agent got through: {}", String::from_utf8_lossy(&out.stdout));
+    ensure!(!String::from_utf8_lossy(&out.stdout).contains("Vehicle"), "plaintext fallback happened");
+    // The server app saw no request from the intruder (only this check itself).
+    let served = curl(&mut lab.on_node(2, "curl")?, &requests_url, &[])?;
+    ensure!(String::from_utf8_lossy(&served.stdout).trim() == "1", "the app saw the intruder's request");
+    let inbound = records(&lab, 2)?;
+    ensure!(
+        inbound.iter().any(|r| r["verdict"] == "dropped"
+            && r["reason"].as_str().unwrap_or("").contains("handshake")),
+        "agent 2 did not record the refused handshake: {inbound:#?}"
+    );
+    Ok(())
+}
+
+#[test]
+fn two_hundred_concurrent_connections_through_the_tunnel() -> anyhow::Result<()> {
+    let (lab, client, server) = two_node_lab()?;
+    let out = lab
+        .in_pod(&client, fixture())?
+        .args(["many", "--to", &format!("{}:{SINK_PORT}", server.ip), "--connections", "200", "--bytes", "65536"])
+        .output()?;
+    ensure!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    ensure!(String::from_utf8_lossy(&out.stdout).trim() == "ok 200");
+    Ok(())
+}
+
+#[test]
+fn half_close_still_gets_the_whole_response() -> anyhow::Result<()> {
+    let (lab, client, server) = two_node_lab()?;
+    let bytes = 3 * 1024 * 1024 + 17;
+    let out = lab
+        .in_pod(&client, fixture())?
+        .args(["send", "--to", &format!("{}:{SINK_PORT}", server.ip), "--bytes", &bytes.to_string(), "--seed", "42"])
+        .output()?;
+    ensure!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let expected = format!("{bytes} {}\n", pattern::sha256_hex(42, bytes));
+    ensure!(String::from_utf8_lossy(&out.stdout) == expected, "answer {:?}", String::from_utf8_lossy(&out.stdout));
+    Ok(())
+}
+
+#[test]
+fn a_closed_destination_port_is_refused_quickly() -> anyhow::Result<()> {
+    let (lab, client, server) = two_node_lab()?;
+    let out = lab
+        .in_pod(&client, fixture())?
+        .args(["probe", "--to", &format!("{}:9", server.ip)])
+        .output()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mut fields = text.split_whitespace();
+    let (outcome, millis) = (fields.next().unwrap_or(""), fields.next().unwrap_or("").parse::<u64>()?);
+    ensure!(matches!(outcome, "refused" | "reset"), "closed port gave {outcome}");
+    ensure!(millis < 1000, "closed port took {millis} ms");
+    let outbound = records(&lab, 1)?;
+    ensure!(
+        outbound.iter().any(|r| r["verdict"] == "failed"
+            && r["reason"].as_str().unwrap_or("").contains("refused")),
+        "no failed record: {outbound:#?}"
+    );
+    Ok(())
+}
+
+fn write_marked_file(path: &std::path::Path, size: u64, marker: &[u8]) -> anyhow::Result<()> {
+    use std::io::Write;
+    let mut file = std::io::BufWriter::new(std::fs::File::create(path)?);
+    let mut chunk = vec![0u8; 64 * 1024];
+    let mut offset = 0;
+    while offset < size {
+        let n = chunk.len().min((size - offset) as usize);
+        pattern::fill(9, offset, &mut chunk[..n]);
+        // A marker every 4 KiB, so any captured payload segment holds one.
+        for start in (0..n.saturating_sub(marker.len())).step_by(4096) {
+            chunk[start..start + marker.len()].copy_from_slice(marker);
+        }
+        file.write_all(&chunk[..n])?;
+        offset += n as u64;
+    }
+    file.flush()?;
+    Ok(())
+}
+
+fn sha256_file(path: &std::path::Path) -> anyhow::Result<String> {
+    use sha2::{Digest, Sha256};
+    use std::io::Read;
+    let mut file = std::fs::File::open(path)?;
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = file.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+    }
+    Ok(pattern::hex(&hasher.finalize()))
+}
+
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack.windows(needle.len()).any(|w| w == needle)
+}
+
+/// Captures the first 20,000 packets on the node's underlay link.
+fn start_capture(lab: &mut Lab, node: u8, file: &std::path::Path) -> anyhow::Result<std::process::Child> {
+    let mut command = lab.on_node(node, "tcpdump")?;
+    command
+        .args(["-i", "eth0", "-s", "0", "-U", "-c", "20000", "-w"])
+        .arg(file)
+        .arg("tcp")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    let mut child = command.spawn().context("starting tcpdump (cargo xtask setup installs it)")?;
+    // tcpdump says "listening on" once the capture is open.
+    let stderr = child.stderr.take().context("tcpdump stderr")?;
+    let mut reader = std::io::BufReader::new(stderr);
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut reader, &mut line)?;
+    ensure!(line.contains("listening"), "tcpdump did not start: {line}");
+    std::thread::spawn(move || std::io::copy(&mut reader, &mut std::io::sink()));
+    Ok(child)
+}
+
+fn stop_capture(mut child: std::process::Child) -> anyhow::Result<()> {
+    // SAFETY: plain kill(2) on our child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    child.wait()?;
+    Ok(())
+}
+
+fn count_tls_records(capture: &std::path::Path) -> anyhow::Result<usize> {
+    let out = Command::new("tshark")
+        .args(["-n", "-r"])
+        .arg(capture)
+        .args(["-d", "tcp.port==15008,tls", "-Y", "tls.record.opaque_type == 23", "-T", "fields", "-e", "frame.number"])
+        .output()
+        .context("running tshark (cargo xtask setup installs it)")?;
+    ensure!(out.status.success(), "tshark: {}", String::from_utf8_lossy(&out.stderr));
+    Ok(String::from_utf8_lossy(&out.stdout).lines().count())
+}

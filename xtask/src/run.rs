@@ -1,0 +1,177 @@
+//! `cargo xtask build | test | demo | bench`: setup, then cargo with output streamed.
+
+use std::process::Command;
+use std::time::Instant;
+
+use anyhow::{Result, bail};
+
+use crate::{cmd, setup};
+
+/// The eBPF crate: it only builds for `bpfel-unknown-none` (interceptor's build.rs does that),
+/// so host-target cargo commands over the whole workspace leave it out.
+const EBPF_PACKAGE: &str = "interceptor-ebpf";
+
+/// `cargo xtask build`: setup, then a release build of the agent (which builds the eBPF crate).
+pub fn build() -> Result<()> {
+    setup::setup()?;
+    step("build", &mut build_cmd())
+}
+
+/// `cargo xtask test`: setup, build, tests, then clippy and rustfmt; see `--help`.
+pub fn test(test_args: &[String]) -> Result<()> {
+    setup::setup()?;
+    let outcome = |result: &Result<()>| if result.is_ok() { "ok" } else { "FAILED" };
+    let mut results: Vec<(&str, &str)> = Vec::new();
+
+    let built = step("build", &mut build_cmd());
+    results.push(("build", outcome(&built)));
+    if built.is_ok() {
+        let tested = step("tests", &mut test_cmd(test_args));
+        results.push(("tests", outcome(&tested)));
+    } else {
+        println!("xtask: tests: skipped, the build failed");
+        results.push(("tests", "skipped (build failed)"));
+    }
+    let linted = step("clippy", &mut clippy_host_cmd());
+    results.push(("clippy", outcome(&linted)));
+    let linted = step("clippy (eBPF)", &mut clippy_ebpf_cmd());
+    results.push(("clippy (eBPF)", outcome(&linted)));
+    let formatted = step("fmt", &mut fmt_cmd());
+    results.push(("fmt", outcome(&formatted)));
+
+    println!("xtask: summary:");
+    for (name, outcome) in &results {
+        println!("xtask:   {name}: {outcome}");
+    }
+    let failed: Vec<&str> = results
+        .iter()
+        .filter(|(_, outcome)| *outcome != "ok")
+        .map(|(name, _)| *name)
+        .collect();
+    if !failed.is_empty() {
+        bail!("not green: {}", failed.join(", "));
+    }
+    Ok(())
+}
+
+/// `cargo xtask demo`: setup, then the `lab-demo` binary of interceptor-tests.
+pub fn demo(args: &[String]) -> Result<()> {
+    setup::setup()?;
+    step("demo", &mut lab_bin_cmd("lab-demo", args))
+}
+
+/// `cargo xtask bench`: setup, then the `lab-bench` binary of interceptor-tests.
+pub fn bench(args: &[String]) -> Result<()> {
+    setup::setup()?;
+    step("bench", &mut lab_bin_cmd("lab-bench", args))
+}
+
+/// Runs one step with streamed output, framed by a header and its duration.
+fn step(name: &str, command: &mut Command) -> Result<()> {
+    println!("xtask: {name}: {}", cmd::display(command));
+    let start = Instant::now();
+    let result = cmd::run(command);
+    let secs = start.elapsed().as_secs_f64();
+    match &result {
+        Ok(()) => println!("xtask: {name}: ok ({secs:.1}s)"),
+        Err(err) => eprintln!("xtask: {name}: FAILED ({secs:.1}s): {err:#}"),
+    }
+    result
+}
+
+/// `cargo build --release -p interceptor`.
+fn build_cmd() -> Command {
+    cmd::cargo(["build", "--release", "-p", "interceptor"])
+}
+
+/// The workspace's tests (host crates), one test at a time (the integration tests share a lab).
+fn test_cmd(test_args: &[String]) -> Command {
+    let mut c = cmd::cargo([
+        "test",
+        "--workspace",
+        "--exclude",
+        EBPF_PACKAGE,
+        "--release",
+        "--no-fail-fast",
+        "--",
+        "--test-threads=1",
+    ]);
+    c.args(test_args);
+    c
+}
+
+/// Clippy on the host crates, warnings denied.
+fn clippy_host_cmd() -> Command {
+    cmd::cargo([
+        "clippy",
+        "--workspace",
+        "--exclude",
+        EBPF_PACKAGE,
+        "--all-targets",
+        "--",
+        "-D",
+        "warnings",
+    ])
+}
+
+/// Clippy on the eBPF crate for its real target (on the host target it cannot even compile).
+fn clippy_ebpf_cmd() -> Command {
+    cmd::cargo([
+        "+nightly",
+        "clippy",
+        "-p",
+        EBPF_PACKAGE,
+        "--release",
+        "--target",
+        "bpfel-unknown-none",
+        "-Z",
+        "build-std=core",
+        "--",
+        "-D",
+        "warnings",
+    ])
+}
+
+/// `cargo fmt --all -- --check`.
+fn fmt_cmd() -> Command {
+    cmd::cargo(["fmt", "--all", "--", "--check"])
+}
+
+/// `cargo run --release -p interceptor-tests --bin <bin> -- <args>`.
+fn lab_bin_cmd(bin: &str, args: &[String]) -> Command {
+    let mut c = cmd::cargo([
+        "run",
+        "--release",
+        "-p",
+        "interceptor-tests",
+        "--bin",
+        bin,
+        "--",
+    ]);
+    c.args(args);
+    c
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn test_args_go_after_test_threads() {
+        let line = cmd::display(&test_cmd(&["--nocapture".into(), "lab_".into()]));
+        assert!(
+            line.ends_with("--release --no-fail-fast -- --test-threads=1 --nocapture lab_"),
+            "{line}"
+        );
+        assert!(line.contains("--exclude interceptor-ebpf"), "{line}");
+    }
+
+    #[test]
+    fn bench_args_are_forwarded() {
+        let line = cmd::display(&lab_bin_cmd("lab-bench", &["--quick".into()]));
+        assert_eq!(
+            line,
+            "cargo run --release -p interceptor-tests --bin lab-bench -- --quick"
+        );
+    }
+}

@@ -1,0 +1,404 @@
+//! `cargo xtask setup`: makes this machine able to build the eBPF programs and run the lab.
+//!
+//! Idempotent: every step checks first and only acts when something is missing, so a run on a
+//! ready machine is quick. Each step prints one line, `setup: <what>: ok (...)` or
+//! `setup: <what>: installed (...)`; a failure names what failed and what to do.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Instant;
+
+use anyhow::{Context, Result, bail};
+
+use crate::bpf_linker::{self, Found};
+use crate::cmd;
+
+/// The Debian packages the lab and the benchmarks use.
+pub const DEBIAN_PACKAGES: &[&str] = &[
+    "iproute2", "nftables", "tshark", "tcpdump", "curl", "socat", "stunnel4", "iperf3", "bpftool",
+];
+
+/// Where bpffs must be mounted (aya pins and bpftool look there).
+const BPFFS: &str = "/sys/fs/bpf";
+
+/// The nightly toolchain that builds the eBPF crate.
+struct Nightly {
+    /// `rustc +nightly --print sysroot`.
+    sysroot: PathBuf,
+    /// `release:` from `rustc +nightly -vV`.
+    release: String,
+    /// Major of `LLVM version:` from `rustc +nightly -vV`.
+    llvm_major: u32,
+}
+
+/// Runs every setup step; see the module docs.
+pub fn setup() -> Result<()> {
+    let start = Instant::now();
+    check_root()?;
+    let nightly = ensure_nightly()?;
+    ensure_bpf_linker(&nightly)?;
+    ensure_debian_packages()?;
+    let mounts = fs::read_to_string("/proc/mounts").context("cannot read /proc/mounts")?;
+    ensure_bpffs(&mounts)?;
+    check_cgroup2(&mounts)?;
+    println!("setup: done in {:.2}s", start.elapsed().as_secs_f64());
+    Ok(())
+}
+
+/// Fails unless the effective user is root (the lab needs it: bpf(), netns, mounts, apt).
+fn check_root() -> Result<()> {
+    let status =
+        fs::read_to_string("/proc/self/status").context("cannot read /proc/self/status")?;
+    match effective_uid(&status) {
+        Some(0) => {
+            println!("setup: root: ok");
+            Ok(())
+        }
+        Some(uid) => bail!(
+            "setup: root: FAILED: running as uid {uid}; interceptor's setup, build and tests need \
+             root (eBPF, network namespaces, mounts, apt-get): rerun as root, e.g. `sudo -E cargo xtask ...`"
+        ),
+        None => bail!("setup: root: FAILED: no Uid line in /proc/self/status; is /proc mounted?"),
+    }
+}
+
+/// The effective uid from `/proc/self/status` (`Uid: real effective saved fs`).
+fn effective_uid(status: &str) -> Option<u32> {
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("Uid:"))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
+}
+
+/// Makes sure the nightly toolchain exists and has the `rust-src` and `clippy` components.
+fn ensure_nightly() -> Result<Nightly> {
+    let vv = match cmd::output(Command::new("rustc").args(["+nightly", "-vV"])) {
+        Ok(vv) => {
+            println!("setup: nightly toolchain: ok");
+            vv
+        }
+        Err(err) => {
+            println!("setup: nightly toolchain: missing ({err:#}); installing");
+            cmd::run(Command::new("rustup").args([
+                "toolchain",
+                "install",
+                "nightly",
+                "--profile",
+                "minimal",
+                "--component",
+                "rust-src",
+                "--component",
+                "clippy",
+            ]))
+            .context(
+                "setup: nightly toolchain: FAILED to install it; run \
+                 `rustup toolchain install nightly --component rust-src --component clippy`",
+            )?;
+            let vv = cmd::output(Command::new("rustc").args(["+nightly", "-vV"])).context(
+                "setup: nightly toolchain: FAILED: installed but `rustc +nightly -vV` fails",
+            )?;
+            println!("setup: nightly toolchain: installed");
+            vv
+        }
+    };
+    let release = vv
+        .lines()
+        .find_map(|l| l.strip_prefix("release:"))
+        .unwrap_or("?")
+        .trim()
+        .to_string();
+    let llvm_major = bpf_linker::llvm_major_from_rustc_vv(&vv).with_context(|| {
+        format!(
+            "setup: nightly toolchain: FAILED: no `LLVM version:` in `rustc +nightly -vV`:\n{vv}"
+        )
+    })?;
+    let sysroot = PathBuf::from(
+        cmd::output(Command::new("rustc").args(["+nightly", "--print", "sysroot"]))
+            .context("setup: nightly toolchain: FAILED: `rustc +nightly --print sysroot`")?
+            .trim(),
+    );
+
+    let missing = missing_components(&sysroot);
+    if missing.is_empty() {
+        println!("setup: nightly rust-src, clippy: ok ({release}, LLVM {llvm_major})");
+    } else {
+        cmd::run(
+            Command::new("rustup")
+                .args(["component", "add", "--toolchain", "nightly"])
+                .args(&missing),
+        )
+        .with_context(|| {
+            format!(
+                "setup: nightly components: FAILED to add {}; run \
+                 `rustup component add {} --toolchain nightly`",
+                missing.join(", "),
+                missing.join(" ")
+            )
+        })?;
+        let still = missing_components(&sysroot);
+        if !still.is_empty() {
+            bail!(
+                "setup: nightly components: FAILED: still missing after rustup: {} (sysroot {})",
+                still.join(", "),
+                sysroot.display()
+            );
+        }
+        println!(
+            "setup: nightly {}: installed ({release}, LLVM {llvm_major})",
+            missing.join(", ")
+        );
+    }
+    Ok(Nightly {
+        sysroot,
+        release,
+        llvm_major,
+    })
+}
+
+/// The nightly components (`rust-src` for `-Z build-std`, `clippy`) absent from `sysroot`.
+fn missing_components(sysroot: &Path) -> Vec<&'static str> {
+    let mut missing = Vec::new();
+    if !sysroot.join("lib/rustlib/src/rust/library/core").is_dir() {
+        missing.push("rust-src");
+    }
+    if !sysroot.join("bin/cargo-clippy").is_file() {
+        missing.push("clippy");
+    }
+    missing
+}
+
+/// Makes sure a working bpf-linker whose LLVM matches the nightly's is on `PATH`.
+fn ensure_bpf_linker(nightly: &Nightly) -> Result<()> {
+    let reason = match bpf_linker::detect() {
+        Found::Working {
+            version,
+            llvm_major: Some(major),
+        } if major != nightly.llvm_major => format!(
+            "{version} links LLVM {major}, but the nightly ({}) uses LLVM {}",
+            nightly.release, nightly.llvm_major
+        ),
+        Found::Working {
+            version,
+            llvm_major,
+        } => {
+            let llvm = llvm_major.map_or("LLVM ?".to_string(), |m| format!("LLVM {m}"));
+            println!("setup: bpf-linker: ok ({version}, {llvm})");
+            return Ok(());
+        }
+        Found::Missing => "not on PATH".to_string(),
+        Found::Broken(why) => format!("does not run: {why}"),
+    };
+    println!("setup: bpf-linker: {reason}; building it");
+    bpf_linker::install(&nightly.sysroot, nightly.llvm_major)
+        .context("setup: bpf-linker: FAILED")?;
+    match bpf_linker::detect() {
+        Found::Working { version, .. } => {
+            println!(
+                "setup: bpf-linker: installed ({version}, LLVM {})",
+                nightly.llvm_major
+            );
+            Ok(())
+        }
+        Found::Missing => bail!(
+            "setup: bpf-linker: FAILED: installed, but not found on PATH; add ~/.cargo/bin to PATH"
+        ),
+        Found::Broken(why) => bail!(
+            "setup: bpf-linker: FAILED: installed, but it does not run ({why}); make sure \
+             ~/.cargo/bin comes first on PATH and that {} points to the nightly's libLLVM",
+            bpf_linker::llvm_prefix()?.join("lib").display()
+        ),
+    }
+}
+
+/// Installs the [`DEBIAN_PACKAGES`] that dpkg does not report as installed.
+fn ensure_debian_packages() -> Result<()> {
+    let missing = missing_packages()?;
+    if missing.is_empty() {
+        println!("setup: debian packages: ok ({})", DEBIAN_PACKAGES.join(" "));
+        return Ok(());
+    }
+    println!(
+        "setup: debian packages: missing {}; installing",
+        missing.join(" ")
+    );
+    let hint = format!(
+        "run `apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y {}`",
+        missing.join(" ")
+    );
+    cmd::run(
+        Command::new("apt-get")
+            .arg("update")
+            .env("DEBIAN_FRONTEND", "noninteractive"),
+    )
+    .with_context(|| format!("setup: debian packages: FAILED: apt-get update; {hint}"))?;
+    cmd::run(
+        Command::new("apt-get")
+            .args(["install", "-y", "--no-install-recommends"])
+            .args(&missing)
+            .env("DEBIAN_FRONTEND", "noninteractive"),
+    )
+    .with_context(|| format!("setup: debian packages: FAILED: apt-get install; {hint}"))?;
+    let still = missing_packages()?;
+    if !still.is_empty() {
+        bail!(
+            "setup: debian packages: FAILED: still not installed after apt-get: {}; {hint}",
+            still.join(" ")
+        );
+    }
+    println!("setup: debian packages: installed {}", missing.join(" "));
+    Ok(())
+}
+
+/// The [`DEBIAN_PACKAGES`] that are not fully installed, per `dpkg-query`.
+fn missing_packages() -> Result<Vec<&'static str>> {
+    // dpkg-query exits 1 when a package is unknown; its stdout still lists the known ones.
+    let out = Command::new("dpkg-query")
+        .args(["-W", "-f=${Package}\t${Status}\n"])
+        .args(DEBIAN_PACKAGES)
+        .output()
+        .context(
+            "setup: debian packages: FAILED: cannot run dpkg-query; this setup expects Debian; \
+             elsewhere install the equivalents of iproute2 nftables tshark tcpdump curl socat \
+             stunnel4 iperf3 bpftool by hand",
+        )?;
+    let installed = installed_packages(&String::from_utf8_lossy(&out.stdout));
+    Ok(DEBIAN_PACKAGES
+        .iter()
+        .copied()
+        .filter(|p| !installed.iter().any(|i| i == p))
+        .collect())
+}
+
+/// Names of the packages `dpkg-query -f='${Package}\t${Status}\n'` reports fully installed.
+fn installed_packages(dpkg_query: &str) -> Vec<String> {
+    dpkg_query
+        .lines()
+        .filter_map(|l| l.split_once('\t'))
+        .filter(|(_, status)| status.trim() == "install ok installed")
+        .map(|(name, _)| name.split(':').next().unwrap_or(name).to_string())
+        .collect()
+}
+
+/// Mounts bpffs at [`BPFFS`] unless it is already.
+fn ensure_bpffs(mounts: &str) -> Result<()> {
+    if mount_points(mounts, "bpf").iter().any(|m| m == BPFFS) {
+        println!("setup: bpffs: ok ({BPFFS})");
+        return Ok(());
+    }
+    fs::create_dir_all(BPFFS)
+        .with_context(|| format!("setup: bpffs: FAILED: cannot create {BPFFS}"))?;
+    cmd::run(Command::new("mount").args(["-t", "bpf", "bpf", BPFFS])).with_context(|| {
+        format!(
+            "setup: bpffs: FAILED to mount it at {BPFFS}; run `mount -t bpf bpf {BPFFS}` as \
+             root (in a container, it must be privileged)"
+        )
+    })?;
+    println!("setup: bpffs: installed (mounted at {BPFFS})");
+    Ok(())
+}
+
+/// Fails unless a cgroup v2 hierarchy is mounted somewhere.
+fn check_cgroup2(mounts: &str) -> Result<()> {
+    match mount_points(mounts, "cgroup2").first() {
+        Some(path) => {
+            println!("setup: cgroup v2: ok ({path})");
+            Ok(())
+        }
+        None => bail!(
+            "setup: cgroup v2: FAILED: no cgroup2 mount in /proc/mounts; interceptor attaches its \
+             eBPF programs to cgroup v2; mount it, e.g. `mkdir -p /sys/fs/cgroup/unified && \
+             mount -t cgroup2 none /sys/fs/cgroup/unified`, or boot with systemd.unified_cgroup_hierarchy=1"
+        ),
+    }
+}
+
+/// The mount points of filesystems of type `fstype` in `/proc/mounts` text.
+fn mount_points(mounts: &str, fstype: &str) -> Vec<String> {
+    mounts
+        .lines()
+        .filter_map(|l| {
+            let mut fields = l.split_whitespace();
+            let (_src, point, ty) = (fields.next()?, fields.next()?, fields.next()?);
+            (ty == fstype).then(|| unescape_mount_field(point))
+        })
+        .collect()
+}
+
+/// Undoes the octal escapes (`\040` for a space, ...) of a `/proc/mounts` field.
+fn unescape_mount_field(field: &str) -> String {
+    let bytes = field.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'\\'
+            && let Some(digits) = bytes.get(i + 1..i + 4)
+            && digits.iter().all(|d| (b'0'..=b'7').contains(d))
+        {
+            out.push(
+                digits
+                    .iter()
+                    .fold(0u8, |acc, d| acc.wrapping_mul(8).wrapping_add(d - b'0')),
+            );
+            i += 4;
+            continue;
+        }
+        out.push(bytes[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MOUNTS: &str = "\
+sysfs /sys sysfs rw,nosuid,nodev,noexec,relatime 0 0
+tmpfs /sys/fs/cgroup tmpfs rw,relatime,mode=755 0 0
+cgroup /sys/fs/cgroup/cpu cgroup rw,relatime,cpu 0 0
+cgroup2 /sys/fs/cgroup/unified cgroup2 rw,relatime 0 0
+bpf /sys/fs/bpf bpf rw,relatime 0 0
+bpf /tmp/my\\040bpf bpf rw,relatime 0 0
+";
+
+    #[test]
+    fn finds_mounts_by_type() {
+        assert_eq!(mount_points(MOUNTS, "cgroup2"), ["/sys/fs/cgroup/unified"]);
+        assert_eq!(mount_points(MOUNTS, "bpf"), ["/sys/fs/bpf", "/tmp/my bpf"]);
+        assert!(mount_points(MOUNTS, "tracefs").is_empty());
+        assert_eq!(
+            mount_points(MOUNTS, "cgroup"),
+            ["/sys/fs/cgroup/cpu"],
+            "cgroup v1 is not cgroup2"
+        );
+    }
+
+    #[test]
+    fn unescapes_mount_fields() {
+        assert_eq!(unescape_mount_field("/a\\040b"), "/a b");
+        assert_eq!(unescape_mount_field("/plain"), "/plain");
+        assert_eq!(unescape_mount_field("/trailing\\"), "/trailing\\");
+        assert_eq!(unescape_mount_field("/short\\04"), "/short\\04");
+    }
+
+    #[test]
+    fn parses_effective_uid() {
+        let status = "Name:\tcat\nUid:\t1000\t0\t0\t0\nGid:\t0\t0\t0\t0\n";
+        assert_eq!(effective_uid(status), Some(0));
+        assert_eq!(effective_uid("Uid:\t0\t1000\t0\t0\n"), Some(1000));
+        assert_eq!(effective_uid("Name:\tx\n"), None);
+    }
+
+    #[test]
+    fn parses_dpkg_query_output() {
+        let out = "curl\tinstall ok installed\n\
+                   tshark\tdeinstall ok config-files\n\
+                   iproute2:amd64\tinstall ok installed\n\
+                   socat\tinstall ok unpacked\n";
+        assert_eq!(installed_packages(out), ["curl", "iproute2"]);
+    }
+}
