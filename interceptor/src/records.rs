@@ -123,11 +123,66 @@ pub struct NewConnection {
     pub security: Security,
 }
 
+/// Istio's standard TCP metric labels for one edge of the graph.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct EdgeLabels {
+    /// `source` for outbound records, `destination` for inbound ones.
+    pub reporter: &'static str,
+    /// Caller workload name or `unknown`.
+    pub source_workload: String,
+    /// Caller namespace or `unknown`.
+    pub source_workload_namespace: String,
+    /// Caller SPIFFE identity or `unknown`.
+    pub source_principal: String,
+    /// Destination workload name or `unknown`.
+    pub destination_workload: String,
+    /// Destination namespace or `unknown`.
+    pub destination_workload_namespace: String,
+    /// Destination SPIFFE identity or `unknown`.
+    pub destination_principal: String,
+    /// `mutual_tls` or `unknown` (plaintext), as Istio reports it.
+    pub connection_security_policy: &'static str,
+}
+
+/// Counters of one edge; they only grow while the agent runs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EdgeCounters {
+    /// Connections opened.
+    pub opened: u64,
+    /// Connections closed.
+    pub closed: u64,
+    /// Bytes from caller to destination.
+    pub sent_bytes: u64,
+    /// Bytes from destination to caller.
+    pub received_bytes: u64,
+}
+
+/// Labels of the dropped-connections counter: a bounded reason and the destination.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct DropLabels {
+    /// `plaintext_refused`, `handshake_refused` or `failed`.
+    pub reason: &'static str,
+    /// Destination workload name or `unknown`.
+    pub destination_workload: String,
+    /// Destination namespace or `unknown`.
+    pub destination_workload_namespace: String,
+}
+
+/// What /metrics serves.
+#[derive(Clone, Debug, Default)]
+pub struct MetricsSnapshot {
+    /// Per-edge TCP counters.
+    pub edges: BTreeMap<EdgeLabels, EdgeCounters>,
+    /// Dropped or failed connections by reason.
+    pub drops: BTreeMap<DropLabels, u64>,
+}
+
 struct Inner {
     ring: VecDeque<ConnectionRecord>,
     next_id: u64,
     started: BTreeMap<u64, Instant>,
     totals: BTreeMap<WorkloadKey, WorkloadTotals>,
+    metrics: MetricsSnapshot,
 }
 
 /// The bounded store of records.
@@ -147,6 +202,7 @@ impl RecordStore {
                 next_id: 1,
                 started: BTreeMap::new(),
                 totals: BTreeMap::new(),
+                metrics: MetricsSnapshot::default(),
             }),
             updates: broadcast::channel(1024).0,
         }
@@ -189,6 +245,10 @@ impl RecordStore {
             record.reason = Some(reason);
         }
         let record = record.clone();
+        let edge = inner.metrics.edges.entry(edge_labels(&record)).or_default();
+        edge.closed += 1;
+        edge.sent_bytes += bytes_sent;
+        edge.received_bytes += bytes_received;
         let failed = record.verdict == Verdict::Failed;
         if let Some(key) = own_workload(&record) {
             let totals = inner.totals.entry(key).or_default();
@@ -220,6 +280,11 @@ impl RecordStore {
     /// Totals per workload since the agent started.
     pub fn totals(&self) -> BTreeMap<WorkloadKey, WorkloadTotals> {
         self.lock().totals.clone()
+    }
+
+    /// Counters for /metrics.
+    pub fn metrics(&self) -> MetricsSnapshot {
+        self.lock().metrics.clone()
     }
 
     /// New and updated records from now on.
@@ -267,6 +332,9 @@ impl RecordStore {
         }
         if open {
             inner.started.insert(id, Instant::now());
+            inner.metrics.edges.entry(edge_labels(&record)).or_default().opened += 1;
+        } else {
+            *inner.metrics.drops.entry(drop_labels(&record)).or_default() += 1;
         }
         if inner.ring.len() == self.capacity {
             if let Some(evicted) = inner.ring.pop_front() {
@@ -291,6 +359,50 @@ fn own_workload(record: &ConnectionRecord) -> Option<WorkloadKey> {
         Direction::Inbound => record.destination_workload.clone(),
         Direction::Outbound => record.source_workload.clone(),
     }
+}
+
+fn edge_labels(record: &ConnectionRecord) -> EdgeLabels {
+    let name = |w: &Option<WorkloadKey>| w.as_ref().map_or_else(unknown, |w| w.name.clone());
+    let namespace = |w: &Option<WorkloadKey>| w.as_ref().map_or_else(unknown, |w| w.namespace.clone());
+    EdgeLabels {
+        reporter: match record.direction {
+            Direction::Inbound => "destination",
+            Direction::Outbound => "source",
+        },
+        source_workload: name(&record.source_workload),
+        source_workload_namespace: namespace(&record.source_workload),
+        source_principal: record.source_identity.clone().unwrap_or_else(unknown),
+        destination_workload: name(&record.destination_workload),
+        destination_workload_namespace: namespace(&record.destination_workload),
+        destination_principal: record.destination_identity.clone().unwrap_or_else(unknown),
+        connection_security_policy: match record.security {
+            Security::MutualTls => "mutual_tls",
+            Security::Plaintext => "unknown",
+        },
+    }
+}
+
+fn drop_labels(record: &ConnectionRecord) -> DropLabels {
+    let reason = match (record.verdict, record.security) {
+        (Verdict::Dropped, Security::Plaintext) => "plaintext_refused",
+        (Verdict::Dropped, Security::MutualTls) => "handshake_refused",
+        _ => "failed",
+    };
+    DropLabels {
+        reason,
+        destination_workload: record
+            .destination_workload
+            .as_ref()
+            .map_or_else(unknown, |w| w.name.clone()),
+        destination_workload_namespace: record
+            .destination_workload
+            .as_ref()
+            .map_or_else(unknown, |w| w.namespace.clone()),
+    }
+}
+
+fn unknown() -> String {
+    "unknown".to_owned()
 }
 
 /// Ids increase by one, so the record with `id` is at a computable position when present.

@@ -14,7 +14,7 @@
 
 use std::{
     fs::File,
-    io::{self, Read},
+    io,
     net::Ipv4Addr,
     os::{fd::AsRawFd, unix::process::CommandExt},
     path::{Path, PathBuf},
@@ -568,15 +568,26 @@ pub fn interceptor_bin() -> anyhow::Result<PathBuf> {
     if let Some(path) = std::env::var_os("INTERCEPTOR_BIN") {
         return Ok(PathBuf::from(path));
     }
+    sibling_bin("interceptor", "cargo build --release -p interceptor")
+}
+
+/// The `lab-fixture` test tool from the same cargo target directory.
+pub fn fixture_bin() -> anyhow::Result<PathBuf> {
+    sibling_bin("lab-fixture", "cargo build --release -p interceptor-tests --bins")
+}
+
+/// A binary built into the same target directory as the running executable (tests run from
+/// `target/<profile>/deps`, tools from `target/<profile>`).
+fn sibling_bin(name: &str, build: &str) -> anyhow::Result<PathBuf> {
     let exe = std::env::current_exe()?;
     exe.ancestors()
         .skip(1)
-        .take(3)
-        .map(|dir| dir.join("interceptor"))
+        .take(2)
+        .map(|dir| dir.join(name))
         .find(|candidate| candidate.is_file())
         .with_context(|| {
             format!(
-                "no interceptor binary near {}; build it first (`cargo build --release -p interceptor`, which `cargo xtask test` does)",
+                "no {name} binary near {}; build it first (`{build}`; `cargo xtask test` does)",
                 exe.display()
             )
         })
@@ -620,13 +631,6 @@ pub fn netns_path(name: &str) -> PathBuf {
 
 fn path_str(path: &Path) -> anyhow::Result<&str> {
     path.to_str().with_context(|| format!("non-UTF-8 path {}", path.display()))
-}
-
-/// Reads a child's whole stdout, for commands started with piped stdout.
-pub fn read_all(mut reader: impl Read) -> io::Result<String> {
-    let mut text = String::new();
-    reader.read_to_string(&mut text)?;
-    Ok(text)
 }
 
 #[cfg(test)]

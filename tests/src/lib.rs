@@ -3,3 +3,4 @@
 
 pub mod lab;
 pub mod pattern;
+pub mod scenario;

@@ -1,14 +1,12 @@
 //! Issue 2: transparent capture and node-to-node mutual TLS on the lab (root, real kernel).
 
-use std::{
-    process::{Command, Stdio},
-    time::{Duration, Instant},
-};
+use std::process::{Command, Stdio};
 
 use anyhow::{Context, ensure};
 use interceptor_tests::{
     lab::{Lab, LabOptions, Pod},
     pattern,
+    scenario::{curl, records, start_fixture, status_json},
 };
 use serde_json::Value;
 
@@ -28,47 +26,16 @@ fn two_node_lab() -> anyhow::Result<(Lab, Pod, Pod)> {
 }
 
 fn start_servers(lab: &mut Lab, pod: &Pod) -> anyhow::Result<()> {
-    for (kind, port) in [("http", HTTP_PORT), ("sink", SINK_PORT)] {
-        let mut command = lab.in_pod(pod, fixture())?;
-        command.args([kind, "--port", &port.to_string()]).stdout(Stdio::null());
-        lab.spawn(command)?;
-    }
-    wait_listening(lab, pod, HTTP_PORT)?;
-    wait_listening(lab, pod, SINK_PORT)
+    start_fixture(lab, pod, "http", HTTP_PORT)?;
+    start_fixture(lab, pod, "sink", SINK_PORT)
 }
 
-fn wait_listening(lab: &Lab, pod: &Pod, port: u16) -> anyhow::Result<()> {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while Instant::now() < deadline {
-        let out = lab.in_pod(pod, "ss")?.args(["-Hltn", &format!("sport = :{port}")]).output()?;
-        if !out.stdout.is_empty() {
-            return Ok(());
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    anyhow::bail!("nothing listens on {}:{port}", pod.name)
+fn fixture() -> anyhow::Result<std::path::PathBuf> {
+    interceptor_tests::lab::fixture_bin()
 }
 
-fn fixture() -> &'static str {
-    env!("CARGO_BIN_EXE_lab-fixture")
-}
-
-fn curl(command: &mut Command, url: &str, extra: &[&str]) -> anyhow::Result<std::process::Output> {
-    Ok(command
-        .args(["-sS", "--max-time", "60"])
-        .args(extra)
-        .arg(url)
-        .stdin(Stdio::null())
-        .output()?)
-}
-
-fn status_json(lab: &Lab, node: u8) -> anyhow::Result<Value> {
-    let out = lab.cli_ok(node, &["status", "--output", "json"])?;
-    Ok(serde_json::from_str(&out)?)
-}
-
-fn records(lab: &Lab, node: u8) -> anyhow::Result<Vec<Value>> {
-    Ok(status_json(lab, node)?["records"].as_array().cloned().unwrap_or_default())
+fn status(lab: &Lab, node: u8) -> anyhow::Result<Value> {
+    status_json(lab, node, &[])
 }
 
 #[test]
@@ -76,7 +43,7 @@ fn pod_to_pod_over_mutual_tls_with_large_transfers_and_no_plaintext_on_the_wire(
     let (mut lab, client, server) = two_node_lab()?;
     let url = |path: &str| format!("http://{}:{HTTP_PORT}{path}", server.ip);
 
-    let body = curl(&mut lab.in_pod(&client, "curl")?, &url("/vehicles/"), &[])?;
+    let body = curl(lab.in_pod(&client, "curl")?, &url("/vehicles/"), &[])?;
     ensure!(body.status.success(), "curl failed: {}", String::from_utf8_lossy(&body.stderr));
     let vehicles: Value = serde_json::from_slice(&body.stdout)?;
     ensure!(vehicles[0]["name"] == "Vehicle 1", "unexpected body {vehicles}");
@@ -90,7 +57,7 @@ fn pod_to_pod_over_mutual_tls_with_large_transfers_and_no_plaintext_on_the_wire(
     let capture = lab.dir.join("node1.pcap");
     let tcpdump = start_capture(&mut lab, 1, &capture)?;
     let upload = curl(
-        &mut lab.in_pod(&client, "curl")?,
+        lab.in_pod(&client, "curl")?,
         &url("/upload"),
         &["--data-binary", &format!("@{}", upload_file.display()), "-H", "Content-Type: application/octet-stream", "-H", "Expect:"],
     )?;
@@ -107,7 +74,7 @@ fn pod_to_pod_over_mutual_tls_with_large_transfers_and_no_plaintext_on_the_wire(
 
     let download_file = lab.dir.join("download.bin");
     let download = curl(
-        &mut lab.in_pod(&client, "curl")?,
+        lab.in_pod(&client, "curl")?,
         &url(&format!("/download/{SIZE}")),
         &["-o", download_file.to_str().context("path")?],
     )?;
@@ -146,7 +113,7 @@ fn the_capture_check_sees_plaintext_when_traffic_bypasses_the_mesh() -> anyhow::
     let capture = lab.dir.join("plain.pcap");
     let tcpdump = start_capture(&mut lab, 1, &capture)?;
     let url = format!("http://{}:{HTTP_PORT}/upload", server.ip);
-    let out = curl(&mut lab.on_node(1, "curl")?, &url, &["--data-binary", &format!("@{}", file.display())])?;
+    let out = curl(lab.on_node(1, "curl")?, &url, &["--data-binary", &format!("@{}", file.display())])?;
     stop_capture(tcpdump)?;
     ensure!(out.status.success(), "plain upload failed: {}", String::from_utf8_lossy(&out.stderr));
     ensure!(contains(&std::fs::read(&capture)?, marker), "marker not found in a plaintext capture");
@@ -156,15 +123,15 @@ fn the_capture_check_sees_plaintext_when_traffic_bypasses_the_mesh() -> anyhow::
 #[test]
 fn processes_outside_the_pods_cgroup_are_not_captured() -> anyhow::Result<()> {
     let (lab, _client, server) = two_node_lab()?;
-    let before = status_json(&lab, 1)?;
+    let before = status(&lab, 1)?;
     let out = curl(
-        &mut lab.on_node(1, "curl")?,
+        lab.on_node(1, "curl")?,
         &format!("http://{}:{HTTP_PORT}/vehicles/", server.ip),
         &[],
     )?;
     ensure!(out.status.success(), "direct call failed: {}", String::from_utf8_lossy(&out.stderr));
     ensure!(String::from_utf8_lossy(&out.stdout).contains("Vehicle 1"));
-    let after = status_json(&lab, 1)?;
+    let after = status(&lab, 1)?;
     ensure!(after["records"] == before["records"], "agent 1 recorded a connection it must not see");
     ensure!(
         after["kernel"]["redirected"] == before["kernel"]["redirected"],
@@ -176,14 +143,11 @@ fn processes_outside_the_pods_cgroup_are_not_captured() -> anyhow::Result<()> {
 #[test]
 fn loopback_destinations_inside_a_pod_are_not_captured() -> anyhow::Result<()> {
     let (mut lab, client, _server) = two_node_lab()?;
-    let mut command = lab.in_pod(&client, fixture())?;
-    command.args(["http", "--port", "7070"]).stdout(Stdio::null());
-    lab.spawn(command)?;
-    wait_listening(&lab, &client, 7070)?;
-    let before = status_json(&lab, 1)?["kernel"]["redirected"].clone();
-    let out = curl(&mut lab.in_pod(&client, "curl")?, "http://127.0.0.1:7070/vehicles/", &[])?;
+    start_fixture(&mut lab, &client, "http", 7070)?;
+    let before = status(&lab, 1)?["kernel"]["redirected"].clone();
+    let out = curl(lab.in_pod(&client, "curl")?, "http://127.0.0.1:7070/vehicles/", &[])?;
     ensure!(out.status.success(), "loopback call failed: {}", String::from_utf8_lossy(&out.stderr));
-    ensure!(status_json(&lab, 1)?["kernel"]["redirected"] == before, "a loopback connect was redirected");
+    ensure!(status(&lab, 1)?["kernel"]["redirected"] == before, "a loopback connect was redirected");
     Ok(())
 }
 
@@ -191,12 +155,9 @@ fn loopback_destinations_inside_a_pod_are_not_captured() -> anyhow::Result<()> {
 fn destinations_outside_the_mesh_are_reached_in_plaintext() -> anyhow::Result<()> {
     let (mut lab, client, _server) = two_node_lab()?;
     let outsider = lab.add_pod(2, "outsider", "default")?;
-    let mut command = lab.in_pod(&outsider, fixture())?;
-    command.args(["http", "--port", "8080"]).stdout(Stdio::null());
-    lab.spawn(command)?;
-    wait_listening(&lab, &outsider, 8080)?;
+    start_fixture(&mut lab, &outsider, "http", 8080)?;
     let out = curl(
-        &mut lab.in_pod(&client, "curl")?,
+        lab.in_pod(&client, "curl")?,
         &format!("http://{}:8080/vehicles/", outsider.ip),
         &[],
     )?;
@@ -224,14 +185,14 @@ fn an_agent_with_a_certificate_from_another_ca_is_refused() -> anyhow::Result<()
     start_servers(&mut lab, &server)?;
     let requests_url = format!("http://{}:{HTTP_PORT}/requests", server.ip);
     let out = curl(
-        &mut lab.in_pod(&intruder, "curl")?,
+        lab.in_pod(&intruder, "curl")?,
         &format!("http://{}:{HTTP_PORT}/vehicles/", server.ip),
         &[],
     )?;
     ensure!(!out.status.success(), "a foreign-CA agent got through: {}", String::from_utf8_lossy(&out.stdout));
     ensure!(!String::from_utf8_lossy(&out.stdout).contains("Vehicle"), "plaintext fallback happened");
     // The server app saw no request from the intruder (only this check itself).
-    let served = curl(&mut lab.on_node(2, "curl")?, &requests_url, &[])?;
+    let served = curl(lab.on_node(2, "curl")?, &requests_url, &[])?;
     ensure!(String::from_utf8_lossy(&served.stdout).trim() == "1", "the app saw the intruder's request");
     let inbound = records(&lab, 2)?;
     ensure!(
@@ -246,7 +207,7 @@ fn an_agent_with_a_certificate_from_another_ca_is_refused() -> anyhow::Result<()
 fn two_hundred_concurrent_connections_through_the_tunnel() -> anyhow::Result<()> {
     let (lab, client, server) = two_node_lab()?;
     let out = lab
-        .in_pod(&client, fixture())?
+        .in_pod(&client, fixture()?)?
         .args(["many", "--to", &format!("{}:{SINK_PORT}", server.ip), "--connections", "200", "--bytes", "65536"])
         .output()?;
     ensure!(
@@ -264,7 +225,7 @@ fn half_close_still_gets_the_whole_response() -> anyhow::Result<()> {
     let (lab, client, server) = two_node_lab()?;
     let bytes = 3 * 1024 * 1024 + 17;
     let out = lab
-        .in_pod(&client, fixture())?
+        .in_pod(&client, fixture()?)?
         .args(["send", "--to", &format!("{}:{SINK_PORT}", server.ip), "--bytes", &bytes.to_string(), "--seed", "42"])
         .output()?;
     ensure!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
@@ -277,7 +238,7 @@ fn half_close_still_gets_the_whole_response() -> anyhow::Result<()> {
 fn a_closed_destination_port_is_refused_quickly() -> anyhow::Result<()> {
     let (lab, client, server) = two_node_lab()?;
     let out = lab
-        .in_pod(&client, fixture())?
+        .in_pod(&client, fixture()?)?
         .args(["probe", "--to", &format!("{}:9", server.ip)])
         .output()?;
     let text = String::from_utf8_lossy(&out.stdout);

@@ -57,12 +57,14 @@ pub fn test(test_args: &[String]) -> Result<()> {
 /// `cargo xtask demo`: setup, then the `lab-demo` binary of interceptor-tests.
 pub fn demo(args: &[String]) -> Result<()> {
     setup::setup()?;
+    step("build", &mut build_cmd())?;
     step("demo", &mut lab_bin_cmd("lab-demo", args))
 }
 
 /// `cargo xtask bench`: setup, then the `lab-bench` binary of interceptor-tests.
 pub fn bench(args: &[String]) -> Result<()> {
     setup::setup()?;
+    step("build", &mut build_cmd())?;
     step("bench", &mut lab_bin_cmd("lab-bench", args))
 }
 
@@ -79,9 +81,17 @@ fn step(name: &str, command: &mut Command) -> Result<()> {
     result
 }
 
-/// `cargo build --release -p interceptor`.
+/// The agent (which builds the eBPF crate) and the lab tools the tests, demo and bench run.
 fn build_cmd() -> Command {
-    cmd::cargo(["build", "--release", "-p", "interceptor"])
+    cmd::cargo([
+        "build",
+        "--release",
+        "-p",
+        "interceptor",
+        "-p",
+        "interceptor-tests",
+        "--bins",
+    ])
 }
 
 /// The workspace's tests (host crates), one test at a time (the integration tests share a lab).

@@ -104,6 +104,12 @@ impl Agent {
         if agent.config.policy_dir.is_some() {
             tokio::spawn(policy_sync::watch_policy_dir(agent.clone()));
         }
+        if let Some(addr) = agent.config.metrics_addr {
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("metrics address {addr} (--metrics-addr)"))?;
+            tokio::spawn(crate::metrics::serve(listener, agent.clone()));
+        }
         info!(node = %agent.config.node_name, socket = %agent.config.admin_socket.display(), "agent ready");
         tokio::select! {
             _ = admin::server::serve(admin_listener, agent.clone()) => {}

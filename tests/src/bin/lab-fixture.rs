@@ -44,6 +44,9 @@ enum Fixture {
         /// Pattern seed.
         #[arg(long, default_value_t = 1)]
         seed: u64,
+        /// Pause this long after the first half, to hold the connection open.
+        #[arg(long, default_value_t = 0)]
+        pause_ms: u64,
     },
     /// Runs `send` on many connections at once and checks every answer.
     Many {
@@ -72,8 +75,13 @@ fn main() -> anyhow::Result<()> {
     match Args::parse().command {
         Fixture::Http { port } => serve(port, http),
         Fixture::Sink { port } => serve(port, sink),
-        Fixture::Send { to, bytes, seed } => {
-            print!("{}", send(to, bytes, seed)?);
+        Fixture::Send {
+            to,
+            bytes,
+            seed,
+            pause_ms,
+        } => {
+            print!("{}", send(to, bytes, seed, Duration::from_millis(pause_ms))?);
             Ok(())
         }
         Fixture::Many {
@@ -196,13 +204,18 @@ fn sink(mut stream: TcpStream) -> io::Result<()> {
     stream.shutdown(Shutdown::Write)
 }
 
-fn send(to: SocketAddr, bytes: u64, seed: u64) -> io::Result<String> {
+fn send(to: SocketAddr, bytes: u64, seed: u64, pause: Duration) -> io::Result<String> {
     let mut stream = TcpStream::connect_timeout(&to, Duration::from_secs(10))?;
     stream.set_read_timeout(Some(IO_TIMEOUT))?;
     stream.set_write_timeout(Some(IO_TIMEOUT))?;
     let mut buf = vec![0u8; 64 * 1024];
     let mut offset = 0;
+    let mut paused = pause.is_zero();
     while offset < bytes {
+        if !paused && offset >= bytes / 2 {
+            std::thread::sleep(pause);
+            paused = true;
+        }
         let n = buf.len().min((bytes - offset) as usize);
         pattern::fill(seed, offset, &mut buf[..n]);
         stream.write_all(&buf[..n])?;
@@ -219,7 +232,7 @@ fn many(to: SocketAddr, connections: u64, bytes: u64) -> anyhow::Result<()> {
         .map(|i| {
             std::thread::spawn(move || -> Result<(), String> {
                 let seed = 1000 + i;
-                let answer = send(to, bytes, seed).map_err(|e| format!("connection {i}: {e}"))?;
+                let answer = send(to, bytes, seed, Duration::ZERO).map_err(|e| format!("connection {i}: {e}"))?;
                 let expected = format!("{bytes} {}\n", pattern::sha256_hex(seed, bytes));
                 if answer == expected {
                     Ok(())

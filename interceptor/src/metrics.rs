@@ -1,0 +1,98 @@
+//! The HTTP admin port: Prometheus metrics with Istio's names and labels, and the readiness
+//! probe for the DaemonSet.
+
+use std::{fmt::Write as _, sync::Arc};
+
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::{TcpListener, TcpStream},
+};
+
+use crate::{agent::Agent, records::MetricsSnapshot};
+
+/// Serves until the task is aborted.
+pub async fn serve(listener: TcpListener, agent: Arc<Agent>) {
+    loop {
+        if let Ok((stream, _)) = listener.accept().await {
+            tokio::spawn(handle(stream, agent.clone()));
+        }
+    }
+}
+
+async fn handle(mut stream: TcpStream, agent: Arc<Agent>) {
+    let mut request = vec![0u8; 4096];
+    let Ok(n) = stream.read(&mut request).await else {
+        return;
+    };
+    let request = String::from_utf8_lossy(&request[..n]);
+    let path = request.split_whitespace().nth(1).unwrap_or("");
+    let (status, content_type, body) = match path {
+        "/metrics" => (
+            "200 OK",
+            "text/plain; version=0.0.4",
+            render(&agent.records().metrics(), &agent.kernel_counters()),
+        ),
+        "/healthz/ready" => ("200 OK", "text/plain", "ready\n".to_owned()),
+        _ => ("404 Not Found", "text/plain", "not found\n".to_owned()),
+    };
+    let response = format!(
+        "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    let _ = stream.write_all(response.as_bytes()).await;
+}
+
+/// The Prometheus text exposition of the agent's counters.
+pub fn render(metrics: &MetricsSnapshot, kernel: &crate::ebpf::KernelCounters) -> String {
+    let mut out = String::new();
+    let families: [(&str, &str, fn(&crate::records::EdgeCounters) -> u64); 4] = [
+        ("istio_tcp_connections_opened_total", "TCP connections opened", |c| c.opened),
+        ("istio_tcp_connections_closed_total", "TCP connections closed", |c| c.closed),
+        ("istio_tcp_sent_bytes_total", "Bytes sent by the caller", |c| c.sent_bytes),
+        ("istio_tcp_received_bytes_total", "Bytes received by the caller", |c| c.received_bytes),
+    ];
+    for (name, help, value) in families {
+        let _ = writeln!(out, "# HELP {name} {help}.\n# TYPE {name} counter");
+        for (labels, counters) in &metrics.edges {
+            let _ = writeln!(
+                out,
+                "{name}{{reporter=\"{}\",source_workload=\"{}\",source_workload_namespace=\"{}\",source_principal=\"{}\",destination_workload=\"{}\",destination_workload_namespace=\"{}\",destination_principal=\"{}\",connection_security_policy=\"{}\"}} {}",
+                labels.reporter,
+                escape(&labels.source_workload),
+                escape(&labels.source_workload_namespace),
+                escape(&labels.source_principal),
+                escape(&labels.destination_workload),
+                escape(&labels.destination_workload_namespace),
+                escape(&labels.destination_principal),
+                labels.connection_security_policy,
+                value(counters)
+            );
+        }
+    }
+    let name = "interceptor_dropped_connections_total";
+    let _ = writeln!(out, "# HELP {name} Connections dropped by policy or failed, by reason.\n# TYPE {name} counter");
+    for (labels, count) in &metrics.drops {
+        let _ = writeln!(
+            out,
+            "{name}{{reason=\"{}\",destination_workload=\"{}\",destination_workload_namespace=\"{}\"}} {count}",
+            labels.reason,
+            escape(&labels.destination_workload),
+            escape(&labels.destination_workload_namespace)
+        );
+    }
+    let kernel_counters = [
+        ("interceptor_kernel_redirected_connects_total", "Pod connects redirected to the agent by the kernel", kernel.redirected),
+        ("interceptor_kernel_plaintext_refused_total", "Plaintext SYNs refused by the kernel under STRICT, also while the agent was down", kernel.strict_drops),
+        ("interceptor_kernel_plaintext_accepted_total", "Plaintext connections accepted by pods from outside the mesh", kernel.plaintext_accepted),
+        ("interceptor_kernel_events_lost_total", "Kernel events lost because the ring buffer was full", kernel.events_lost),
+    ];
+    for (name, help, value) in kernel_counters {
+        let _ = writeln!(out, "# HELP {name} {help}.\n# TYPE {name} counter\n{name} {value}");
+    }
+    out
+}
+
+/// Escapes a label value for the text format.
+fn escape(value: &str) -> String {
+    value.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
+}

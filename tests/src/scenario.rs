@@ -1,0 +1,71 @@
+//! Steps shared by the integration tests and the demo: start test servers in pods, call
+//! them, and read what the agents recorded.
+
+use std::{
+    process::{Command, Output, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::ensure;
+use serde_json::Value;
+
+use crate::lab::{Lab, Pod, fixture_bin};
+
+/// Starts `lab-fixture <kind> --port <port>` in a pod and waits until it listens.
+pub fn start_fixture(lab: &mut Lab, pod: &Pod, kind: &str, port: u16) -> anyhow::Result<()> {
+    let mut command = lab.in_pod(pod, fixture_bin()?)?;
+    command.args([kind, "--port", &port.to_string()]).stdout(Stdio::null());
+    lab.spawn(command)?;
+    wait_listening(lab, pod, port)
+}
+
+/// Waits until something listens on a TCP port in a pod.
+pub fn wait_listening(lab: &Lab, pod: &Pod, port: u16) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline {
+        let out = lab.in_pod(pod, "ss")?.args(["-Hltn", &format!("sport = :{port}")]).output()?;
+        if !out.stdout.is_empty() {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    anyhow::bail!("nothing listens on {}:{port}", pod.name)
+}
+
+/// Runs curl with a time limit, extra arguments and the URL.
+pub fn curl(mut command: Command, url: &str, extra: &[&str]) -> anyhow::Result<Output> {
+    Ok(command
+        .args(["-sS", "--max-time", "60"])
+        .args(extra)
+        .arg(url)
+        .stdin(Stdio::null())
+        .output()?)
+}
+
+/// A fixture client command in a pod or on a node.
+pub fn fixture(mut command: Command, args: &[&str]) -> anyhow::Result<Output> {
+    Ok(command.args(args).stdin(Stdio::null()).output()?)
+}
+
+/// `lab-fixture probe` from `command`'s place: (outcome, milliseconds).
+pub fn probe(command: Command, to: &str) -> anyhow::Result<(String, u64)> {
+    let out = fixture(command, &["probe", "--to", to])?;
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let mut fields = text.split_whitespace();
+    let outcome = fields.next().unwrap_or("").to_owned();
+    let millis = fields.next().unwrap_or("").parse::<u64>().unwrap_or(u64::MAX);
+    ensure!(!outcome.is_empty(), "probe printed nothing: {}", String::from_utf8_lossy(&out.stderr));
+    Ok((outcome, millis))
+}
+
+/// `interceptor status --output json` of a node, parsed.
+pub fn status_json(lab: &Lab, node: u8, filters: &[&str]) -> anyhow::Result<Value> {
+    let mut args = vec!["status", "--output", "json"];
+    args.extend_from_slice(filters);
+    Ok(serde_json::from_str(&lab.cli_ok(node, &args)?)?)
+}
+
+/// The records of a node's status.
+pub fn records(lab: &Lab, node: u8) -> anyhow::Result<Vec<Value>> {
+    Ok(status_json(lab, node, &[])?["records"].as_array().cloned().unwrap_or_default())
+}

@@ -1,0 +1,237 @@
+//! Issue 3: PeerAuthentication enforced at the pod's door, on the lab (root, real kernel).
+
+use std::{
+    path::{Path, PathBuf},
+    time::{Duration, Instant},
+};
+
+use anyhow::ensure;
+use interceptor_tests::{
+    lab::{Lab, LabOptions, Pod, fixture_bin},
+    pattern,
+    scenario::{curl, fixture, probe, start_fixture},
+};
+use serde_json::Value;
+
+/// The walkthrough's cast: a meshed `sleep` on node 1, a meshed `position-tracker` on node 2
+/// (namespace vehicles) serving /vehicles/ on 8080, a sink on 9000 and a "metrics" port 8081.
+struct Walkthrough {
+    lab: Lab,
+    sleep: Pod,
+    tracker: Pod,
+}
+
+fn walkthrough() -> anyhow::Result<Walkthrough> {
+    let mut lab = Lab::new(LabOptions::default())?;
+    let sleep = lab.add_pod(1, "sleep", "foo")?;
+    let tracker = lab.add_pod(2, "position-tracker", "vehicles")?;
+    lab.enroll(&sleep, "sleep", &[("app", "sleep")])?;
+    lab.enroll(&tracker, "position-tracker", &[("app", "position-tracker")])?;
+    start_fixture(&mut lab, &tracker, "http", 8080)?;
+    start_fixture(&mut lab, &tracker, "http", 8081)?;
+    start_fixture(&mut lab, &tracker, "sink", 9000)?;
+    Ok(Walkthrough { lab, sleep, tracker })
+}
+
+impl Walkthrough {
+    fn url(&self, port: u16) -> String {
+        format!("http://{}:{port}/vehicles/", self.tracker.ip)
+    }
+
+    /// curl from node 1's host namespace: a caller outside the mesh.
+    fn outside_gets_json(&self, port: u16) -> anyhow::Result<bool> {
+        let out = curl(self.lab.on_node(1, "curl")?, &self.url(port), &["--max-time", "5"])?;
+        Ok(out.status.success() && String::from_utf8_lossy(&out.stdout).contains("Vehicle 1"))
+    }
+
+    /// The outside caller is refused (reset or refused) within a second, never answered.
+    fn outside_is_refused(&self, port: u16) -> anyhow::Result<()> {
+        let (outcome, millis) = probe(self.lab.on_node(1, fixture_bin()?)?, &format!("{}:{port}", self.tracker.ip))?;
+        ensure!(matches!(outcome.as_str(), "refused" | "reset"), "plaintext to port {port} gave {outcome}");
+        ensure!(millis < 1000, "refusal took {millis} ms");
+        Ok(())
+    }
+
+    fn meshed_gets_json(&self) -> anyhow::Result<bool> {
+        let out = curl(self.lab.in_pod(&self.sleep, "curl")?, &self.url(8080), &["--max-time", "5"])?;
+        Ok(out.status.success() && String::from_utf8_lossy(&out.stdout).contains("Vehicle 1"))
+    }
+
+    fn apply(&self, file: &Path) -> anyhow::Result<std::process::Output> {
+        self.lab.cli(2, &["policy", "apply", file.to_str().unwrap_or_default()])
+    }
+
+    fn effective(&self) -> anyhow::Result<Value> {
+        let report: Value = serde_json::from_str(&self.lab.cli_ok(2, &["policy", "list", "--json"])?)?;
+        Ok(report["workloads"]["vehicles/position-tracker"].clone())
+    }
+
+    fn write_policy(&self, name: &str, yaml: &str) -> anyhow::Result<PathBuf> {
+        let path = self.lab.dir.join(name);
+        std::fs::write(&path, yaml)?;
+        Ok(path)
+    }
+}
+
+fn policies_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../policies")
+}
+
+#[test]
+fn the_walkthrough_permissive_then_strict_then_deleted() -> anyhow::Result<()> {
+    let w = walkthrough()?;
+    ensure!(w.outside_gets_json(8080)?, "PERMISSIVE: the outside caller should get the JSON");
+    ensure!(w.meshed_gets_json()?, "the meshed pod should get the JSON");
+
+    let out = w.apply(&policies_dir().join("mesh-strict.yaml"))?;
+    ensure!(out.status.success(), "apply failed: {}", String::from_utf8_lossy(&out.stderr));
+    w.outside_is_refused(8080)?;
+    ensure!(w.meshed_gets_json()?, "STRICT: the meshed pod must still get the JSON over mutual TLS");
+    ensure!(w.effective()?["default"]["mode"] == "STRICT");
+    ensure!(w.effective()?["default"]["policy"]["name"] == "default");
+
+    w.lab.cli_ok(2, &["policy", "delete", "default", "-n", "istio-system"])?;
+    ensure!(w.outside_gets_json(8080)?, "after delete the outside caller should get the JSON again");
+    Ok(())
+}
+
+#[test]
+fn namespace_workload_and_port_level_precedence() -> anyhow::Result<()> {
+    let w = walkthrough()?;
+    let namespace_strict = w.write_policy(
+        "ns.yaml",
+        "apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata:\n  name: ns-strict\n  namespace: vehicles\nspec:\n  mtls:\n    mode: STRICT\n",
+    )?;
+    ensure!(w.apply(&namespace_strict)?.status.success());
+    w.outside_is_refused(8080)?;
+    w.outside_is_refused(8081)?;
+
+    // A workload policy inheriting (UNSET) with a PERMISSIVE exception on 8081.
+    let workload = w.write_policy(
+        "workload.yaml",
+        "apiVersion: security.istio.io/v1beta1\nkind: PeerAuthentication\nmetadata:\n  name: tracker\n  namespace: vehicles\nspec:\n  selector:\n    matchLabels:\n      app: position-tracker\n  mtls:\n    mode: UNSET\n  portLevelMtls:\n    8081:\n      mode: PERMISSIVE\n",
+    )?;
+    ensure!(w.apply(&workload)?.status.success());
+    w.outside_is_refused(8080)?;
+    ensure!(w.outside_gets_json(8081)?, "port-level PERMISSIVE on 8081 should let plaintext in");
+    let effective = w.effective()?;
+    ensure!(effective["default"]["policy"]["name"] == "ns-strict", "UNSET inherits the namespace policy: {effective}");
+    ensure!(effective["ports"]["8081"]["mode"] == "PERMISSIVE", "{effective}");
+
+    // A workload DISABLE beats the namespace STRICT.
+    let disable = w.write_policy(
+        "disable.yaml",
+        "apiVersion: security.istio.io/v1beta1\nkind: PeerAuthentication\nmetadata:\n  name: tracker\n  namespace: vehicles\nspec:\n  selector:\n    matchLabels:\n      app: position-tracker\n  mtls:\n    mode: DISABLE\n",
+    )?;
+    ensure!(w.apply(&disable)?.status.success());
+    ensure!(w.outside_gets_json(8080)?, "workload DISABLE should accept plaintext");
+
+    // A namespace policy elsewhere does not touch this workload.
+    w.lab.cli_ok(2, &["policy", "delete", "tracker", "-n", "vehicles"])?;
+    w.lab.cli_ok(2, &["policy", "delete", "ns-strict", "-n", "vehicles"])?;
+    let other = w.write_policy(
+        "other.yaml",
+        "apiVersion: security.istio.io/v1beta1\nkind: PeerAuthentication\nmetadata:\n  name: default\n  namespace: foo\nspec:\n  mtls:\n    mode: STRICT\n",
+    )?;
+    ensure!(w.apply(&other)?.status.success());
+    ensure!(w.outside_gets_json(8080)?, "a STRICT policy in namespace foo must not affect vehicles");
+    Ok(())
+}
+
+#[test]
+fn bad_policy_files_are_refused_whole_and_change_nothing() -> anyhow::Result<()> {
+    let w = walkthrough()?;
+    let good = "apiVersion: security.istio.io/v1beta1\nkind: PeerAuthentication\nmetadata:\n  name: default\n  namespace: istio-system\nspec:\n  mtls:\n    mode: STRICT\n";
+    let cases: [(&str, String, &str); 8] = [
+        ("syntax.yaml", "apiVersion: [unclosed\n".into(), "syntax.yaml:"),
+        ("version.yaml", good.replace("security.istio.io/v1beta1", "security.istio.io/v2"), "apiVersion"),
+        ("kind.yaml", good.replace("PeerAuthentication", "AuthorizationPolicy"), "kind"),
+        ("field.yaml", good.replace("  mtls:", "  mutual:\n    mode: STRICT\n  mtls:"), "mutual"),
+        ("mode.yaml", good.replace("mode: STRICT", "mode: STRICTEST"), "STRICTEST"),
+        ("portlevel.yaml", good.replace("  mtls:\n    mode: STRICT\n", "  portLevelMtls:\n    8080:\n      mode: DISABLE\n"), "portLevelMtls"),
+        ("port.yaml", good.replace("  mtls:\n    mode: STRICT\n", "  selector:\n    matchLabels:\n      app: x\n  portLevelMtls:\n    70000:\n      mode: DISABLE\n"), "70000"),
+        ("dup.yaml", format!("{good}---\n{good}"), "istio-system/default"),
+    ];
+    let before = w.lab.cli_ok(2, &["policy", "list", "--json"])?;
+    for (file, yaml, expected) in &cases {
+        // Each bad file goes in a directory with a good STRICT file: the whole batch must fail.
+        let dir = w.lab.dir.join(format!("batch-{file}"));
+        std::fs::create_dir_all(&dir)?;
+        std::fs::write(dir.join("a-good.yaml"), good.replace("name: default", "name: good"))?;
+        std::fs::write(dir.join(file), yaml)?;
+        let out = w.apply(&dir)?;
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        ensure!(!out.status.success(), "{file} was accepted");
+        ensure!(stderr.contains(file), "{file}: error does not name the file: {stderr}");
+        ensure!(stderr.contains(expected), "{file}: error does not name {expected:?}: {stderr}");
+        ensure!(stderr.contains(&format!("{file}:")), "{file}: error has no line number: {stderr}");
+        let validate = w.lab.cli(2, &["policy", "validate", dir.join(file).to_str().unwrap_or_default()])?;
+        ensure!(!validate.status.success(), "validate accepted {file}");
+    }
+    ensure!(w.lab.cli_ok(2, &["policy", "list", "--json"])? == before, "a refused batch changed the policy");
+    ensure!(w.outside_gets_json(8080)?, "a refused batch changed enforcement");
+    Ok(())
+}
+
+#[test]
+fn strict_holds_while_the_agent_is_down_and_the_agent_takes_over_again() -> anyhow::Result<()> {
+    let mut w = walkthrough()?;
+    ensure!(w.apply(&policies_dir().join("mesh-strict.yaml"))?.status.success());
+    w.outside_is_refused(8080)?;
+    w.lab.kill_agent(2)?;
+    w.outside_is_refused(8080)?;
+    w.outside_is_refused(8081)?;
+    w.lab.start_agent(2)?;
+    w.outside_is_refused(8080)?;
+    ensure!(w.meshed_gets_json()?, "after restart the meshed pod should get the JSON");
+    // The drops that happened while the agent was down were recorded when it came back.
+    let status: Value = serde_json::from_str(&w.lab.cli_ok(2, &["status", "--output", "json", "--dropped"])?)?;
+    let drops = status["records"].as_array().map_or(0, Vec::len);
+    ensure!(drops >= 4, "expected every refusal recorded, found {drops}: {status:#}");
+    w.lab.cli_ok(2, &["policy", "delete", "default", "-n", "istio-system"])?;
+    ensure!(w.outside_gets_json(8080)?, "the restarted agent should apply policy changes");
+    Ok(())
+}
+
+#[test]
+fn the_policy_directory_is_watched() -> anyhow::Result<()> {
+    let w = walkthrough()?;
+    let dir = w.lab.node(2)?.policy_dir.clone();
+    std::fs::copy(policies_dir().join("mesh-strict.yaml"), dir.join("mesh.yaml"))?;
+    wait_until(Duration::from_secs(5), || w.outside_is_refused(8080).is_ok())?;
+    // A broken edit is refused and the previous policy stays.
+    std::fs::write(dir.join("broken.yaml"), "kind: [\n")?;
+    std::thread::sleep(Duration::from_millis(1500));
+    w.outside_is_refused(8080)?;
+    std::fs::remove_file(dir.join("broken.yaml"))?;
+    std::fs::remove_file(dir.join("mesh.yaml"))?;
+    wait_until(Duration::from_secs(5), || w.outside_gets_json(8080).unwrap_or(false))?;
+    Ok(())
+}
+
+#[test]
+fn a_policy_change_keeps_established_mutual_tls_connections() -> anyhow::Result<()> {
+    let w = walkthrough()?;
+    let bytes = 2 * 1024 * 1024;
+    let to = format!("{}:9000", w.tracker.ip);
+    let mut sender = w.lab.in_pod(&w.sleep, fixture_bin()?)?;
+    sender.args(["send", "--to", &to, "--bytes", &bytes.to_string(), "--seed", "5", "--pause-ms", "1500"]);
+    let handle = std::thread::spawn(move || fixture(sender, &[]));
+    std::thread::sleep(Duration::from_millis(500));
+    ensure!(w.apply(&policies_dir().join("mesh-strict.yaml"))?.status.success());
+    let out = handle.join().map_err(|_| anyhow::anyhow!("sender panicked"))??;
+    let expected = format!("{bytes} {}\n", pattern::sha256_hex(5, bytes));
+    ensure!(String::from_utf8_lossy(&out.stdout) == expected, "connection broken by the policy change: {:?} {}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    Ok(())
+}
+
+fn wait_until(limit: Duration, mut condition: impl FnMut() -> bool) -> anyhow::Result<()> {
+    let deadline = Instant::now() + limit;
+    while Instant::now() < deadline {
+        if condition() {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    anyhow::bail!("condition not met within {limit:?}")
+}
