@@ -4,7 +4,9 @@ use aya_ebpf::{
     macros::map,
     maps::{HashMap, LruHashMap, PerCpuArray, RingBuf},
 };
-use interceptor_common::{COUNTERS as COUNTER_SLOTS, InboundKey, KernelEvent, OriginalDst, PodPortKey};
+use interceptor_common::{
+    COUNTERS as COUNTER_SLOTS, InboundKey, KernelEvent, OriginalDst, PodPortKey,
+};
 
 /// Network-namespace cookies of enrolled pods; only their connects are captured.
 #[map]

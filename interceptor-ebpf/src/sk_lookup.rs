@@ -56,5 +56,10 @@ pub fn pod_door(ctx: SkLookupContext) -> u32 {
 fn mode_for(ip4: u32, port: u16) -> Option<u32> {
     let key = |port| InboundKey { ip4, port, _pad: 0 };
     // SAFETY: values are plain u32s copied out at once.
-    unsafe { INBOUND_MODE.get(key(port)).or_else(|| INBOUND_MODE.get(key(0))).copied() }
+    unsafe {
+        INBOUND_MODE
+            .get(key(port))
+            .or_else(|| INBOUND_MODE.get(key(0)))
+            .copied()
+    }
 }

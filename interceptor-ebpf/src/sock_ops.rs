@@ -103,6 +103,10 @@ fn event(ctx: &SockOpsContext, kind: u32) -> KernelEvent {
 
 /// sockops exposes the network-order port in the upper 16 bits on little-endian machines.
 fn remote_port_host_order(raw: u32) -> u16 {
-    let network_order = if raw > 0xffff { (raw >> 16) as u16 } else { raw as u16 };
+    let network_order = if raw > 0xffff {
+        (raw >> 16) as u16
+    } else {
+        raw as u16
+    };
     u16::from_be(network_order)
 }

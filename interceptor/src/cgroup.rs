@@ -14,5 +14,10 @@ pub fn cgroup2_mount() -> io::Result<PathBuf> {
             (fstype == "cgroup2").then(|| PathBuf::from(target))
         })
         .next()
-        .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, "no cgroup2 filesystem in /proc/mounts; interceptor needs cgroup v2"))
+        .ok_or_else(|| {
+            io::Error::new(
+                io::ErrorKind::NotFound,
+                "no cgroup2 filesystem in /proc/mounts; interceptor needs cgroup v2",
+            )
+        })
 }

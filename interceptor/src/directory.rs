@@ -38,9 +38,12 @@ pub struct MeshDirectory {
 impl MeshDirectory {
     /// Opens (and creates) the directory.
     pub fn open(dir: &Path) -> io::Result<Self> {
-        std::fs::create_dir_all(dir)
-            .map_err(|e| io::Error::new(e.kind(), format!("mesh directory {}: {e}", dir.display())))?;
-        Ok(Self { dir: dir.to_owned() })
+        std::fs::create_dir_all(dir).map_err(|e| {
+            io::Error::new(e.kind(), format!("mesh directory {}: {e}", dir.display()))
+        })?;
+        Ok(Self {
+            dir: dir.to_owned(),
+        })
     }
 
     /// Publishes a workload of this node.

@@ -141,10 +141,12 @@ impl Kernel {
                 source,
             })?;
             let prog = program::<SkLookup>(&mut self.bpf, POD_DOOR)?;
-            let id = prog.attach(&netns_file).map_err(|source| EbpfError::Program {
-                name: POD_DOOR,
-                source,
-            })?;
+            let id = prog
+                .attach(&netns_file)
+                .map_err(|source| EbpfError::Program {
+                    name: POD_DOOR,
+                    source,
+                })?;
             let link = prog.take_link(id).map_err(|source| EbpfError::Program {
                 name: POD_DOOR,
                 source,
@@ -180,7 +182,11 @@ impl Kernel {
     /// Makes the inbound modes of a pod address exactly `modes` (port 0 is the default).
     /// New entries are written before stale ones are removed, so no SYN ever finds a pod
     /// without its mode.
-    pub fn replace_inbound_modes(&mut self, ip: Ipv4Addr, modes: &[(u16, u32)]) -> Result<(), EbpfError> {
+    pub fn replace_inbound_modes(
+        &mut self,
+        ip: Ipv4Addr,
+        modes: &[(u16, u32)],
+    ) -> Result<(), EbpfError> {
         for &(port, mode) in modes {
             self.inbound_mode
                 .insert(inbound_key(ip, port), mode, 0)
@@ -259,7 +265,10 @@ fn attach_connect4(bpf: &mut Ebpf, cgroup: &File, links_dir: &Path) -> Result<()
     // bpf_link attachments to a cgroup always stack; "Single" means no legacy flags.
     let id = prog.attach(cgroup, CgroupAttachMode::Single).map_err(err)?;
     let link = prog.take_link(id).map_err(err)?;
-    pin_link(FdLink::try_from(link).map_err(|e| pin_error(&pin, e))?, &pin)
+    pin_link(
+        FdLink::try_from(link).map_err(|e| pin_error(&pin, e))?,
+        &pin,
+    )
 }
 
 fn attach_sock_ops(bpf: &mut Ebpf, cgroup: &File, links_dir: &Path) -> Result<(), EbpfError> {
@@ -276,7 +285,10 @@ fn attach_sock_ops(bpf: &mut Ebpf, cgroup: &File, links_dir: &Path) -> Result<()
     // bpf_link attachments to a cgroup always stack; "Single" means no legacy flags.
     let id = prog.attach(cgroup, CgroupAttachMode::Single).map_err(err)?;
     let link = prog.take_link(id).map_err(err)?;
-    pin_link(FdLink::try_from(link).map_err(|e| pin_error(&pin, e))?, &pin)
+    pin_link(
+        FdLink::try_from(link).map_err(|e| pin_error(&pin, e))?,
+        &pin,
+    )
 }
 
 fn pin_link(link: FdLink, path: &Path) -> Result<(), EbpfError> {

@@ -42,14 +42,33 @@ async fn handle(mut stream: TcpStream, agent: Arc<Agent>) {
     let _ = stream.write_all(response.as_bytes()).await;
 }
 
+/// Picks one counter out of an edge's counters.
+type CounterOf = fn(&crate::records::EdgeCounters) -> u64;
+
 /// The Prometheus text exposition of the agent's counters.
 pub fn render(metrics: &MetricsSnapshot, kernel: &crate::ebpf::KernelCounters) -> String {
     let mut out = String::new();
-    let families: [(&str, &str, fn(&crate::records::EdgeCounters) -> u64); 4] = [
-        ("istio_tcp_connections_opened_total", "TCP connections opened", |c| c.opened),
-        ("istio_tcp_connections_closed_total", "TCP connections closed", |c| c.closed),
-        ("istio_tcp_sent_bytes_total", "Bytes sent by the caller", |c| c.sent_bytes),
-        ("istio_tcp_received_bytes_total", "Bytes received by the caller", |c| c.received_bytes),
+    let families: [(&str, &str, CounterOf); 4] = [
+        (
+            "istio_tcp_connections_opened_total",
+            "TCP connections opened",
+            |c| c.opened,
+        ),
+        (
+            "istio_tcp_connections_closed_total",
+            "TCP connections closed",
+            |c| c.closed,
+        ),
+        (
+            "istio_tcp_sent_bytes_total",
+            "Bytes sent by the caller",
+            |c| c.sent_bytes,
+        ),
+        (
+            "istio_tcp_received_bytes_total",
+            "Bytes received by the caller",
+            |c| c.received_bytes,
+        ),
     ];
     for (name, help, value) in families {
         let _ = writeln!(out, "# HELP {name} {help}.\n# TYPE {name} counter");
@@ -70,7 +89,10 @@ pub fn render(metrics: &MetricsSnapshot, kernel: &crate::ebpf::KernelCounters) -
         }
     }
     let name = "interceptor_dropped_connections_total";
-    let _ = writeln!(out, "# HELP {name} Connections dropped by policy or failed, by reason.\n# TYPE {name} counter");
+    let _ = writeln!(
+        out,
+        "# HELP {name} Connections dropped by policy or failed, by reason.\n# TYPE {name} counter"
+    );
     for (labels, count) in &metrics.drops {
         let _ = writeln!(
             out,
@@ -81,18 +103,40 @@ pub fn render(metrics: &MetricsSnapshot, kernel: &crate::ebpf::KernelCounters) -
         );
     }
     let kernel_counters = [
-        ("interceptor_kernel_redirected_connects_total", "Pod connects redirected to the agent by the kernel", kernel.redirected),
-        ("interceptor_kernel_plaintext_refused_total", "Plaintext SYNs refused by the kernel under STRICT, also while the agent was down", kernel.strict_drops),
-        ("interceptor_kernel_plaintext_accepted_total", "Plaintext connections accepted by pods from outside the mesh", kernel.plaintext_accepted),
-        ("interceptor_kernel_events_lost_total", "Kernel events lost because the ring buffer was full", kernel.events_lost),
+        (
+            "interceptor_kernel_redirected_connects_total",
+            "Pod connects redirected to the agent by the kernel",
+            kernel.redirected,
+        ),
+        (
+            "interceptor_kernel_plaintext_refused_total",
+            "Plaintext SYNs refused by the kernel under STRICT, also while the agent was down",
+            kernel.strict_drops,
+        ),
+        (
+            "interceptor_kernel_plaintext_accepted_total",
+            "Plaintext connections accepted by pods from outside the mesh",
+            kernel.plaintext_accepted,
+        ),
+        (
+            "interceptor_kernel_events_lost_total",
+            "Kernel events lost because the ring buffer was full",
+            kernel.events_lost,
+        ),
     ];
     for (name, help, value) in kernel_counters {
-        let _ = writeln!(out, "# HELP {name} {help}.\n# TYPE {name} counter\n{name} {value}");
+        let _ = writeln!(
+            out,
+            "# HELP {name} {help}.\n# TYPE {name} counter\n{name} {value}"
+        );
     }
     out
 }
 
 /// Escapes a label value for the text format.
 fn escape(value: &str) -> String {
-    value.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
+    value
+        .replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
 }

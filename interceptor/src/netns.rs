@@ -31,8 +31,12 @@ impl PodNetns {
     /// Opens the namespace at `path` (for example `/run/netns/NAME` or `/proc/PID/ns/net`)
     /// and starts its socket thread.
     pub fn open(path: &Path) -> io::Result<Self> {
-        let file = File::open(path)
-            .map_err(|e| io::Error::new(e.kind(), format!("network namespace {}: {e}", path.display())))?;
+        let file = File::open(path).map_err(|e| {
+            io::Error::new(
+                e.kind(),
+                format!("network namespace {}: {e}", path.display()),
+            )
+        })?;
         let (requests, receiver) = mpsc::channel::<SocketRequest>();
         let (ready_tx, ready_rx) = mpsc::channel();
         std::thread::Builder::new()

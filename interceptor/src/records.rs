@@ -215,7 +215,13 @@ impl RecordStore {
 
     /// Like [`RecordStore::open`], with the reason it was allowed (plaintext under a policy).
     pub fn open_with_reason(&self, conn: NewConnection, reason: String) -> u64 {
-        self.insert(conn, Verdict::Allowed, Some(reason), true, SystemTime::now())
+        self.insert(
+            conn,
+            Verdict::Allowed,
+            Some(reason),
+            true,
+            SystemTime::now(),
+        )
     }
 
     /// Records a connection that ended before it carried data (dropped or failed).
@@ -225,7 +231,13 @@ impl RecordStore {
 
     /// Like [`RecordStore::refused`], for an event that happened at `start` (kernel events
     /// read after the agent was down).
-    pub fn refused_at(&self, conn: NewConnection, verdict: Verdict, reason: String, start: SystemTime) -> u64 {
+    pub fn refused_at(
+        &self,
+        conn: NewConnection,
+        verdict: Verdict,
+        reason: String,
+        start: SystemTime,
+    ) -> u64 {
         self.insert(conn, verdict, Some(reason), false, start)
     }
 
@@ -332,14 +344,19 @@ impl RecordStore {
         }
         if open {
             inner.started.insert(id, Instant::now());
-            inner.metrics.edges.entry(edge_labels(&record)).or_default().opened += 1;
+            inner
+                .metrics
+                .edges
+                .entry(edge_labels(&record))
+                .or_default()
+                .opened += 1;
         } else {
             *inner.metrics.drops.entry(drop_labels(&record)).or_default() += 1;
         }
-        if inner.ring.len() == self.capacity {
-            if let Some(evicted) = inner.ring.pop_front() {
-                inner.started.remove(&evicted.id);
-            }
+        if inner.ring.len() == self.capacity
+            && let Some(evicted) = inner.ring.pop_front()
+        {
+            inner.started.remove(&evicted.id);
         }
         inner.ring.push_back(record.clone());
         drop(inner);
@@ -348,7 +365,9 @@ impl RecordStore {
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
-        self.inner.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.inner
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 }
 
@@ -363,7 +382,8 @@ fn own_workload(record: &ConnectionRecord) -> Option<WorkloadKey> {
 
 fn edge_labels(record: &ConnectionRecord) -> EdgeLabels {
     let name = |w: &Option<WorkloadKey>| w.as_ref().map_or_else(unknown, |w| w.name.clone());
-    let namespace = |w: &Option<WorkloadKey>| w.as_ref().map_or_else(unknown, |w| w.namespace.clone());
+    let namespace =
+        |w: &Option<WorkloadKey>| w.as_ref().map_or_else(unknown, |w| w.namespace.clone());
     EdgeLabels {
         reporter: match record.direction {
             Direction::Inbound => "destination",
@@ -414,7 +434,9 @@ fn find(ring: &mut VecDeque<ConnectionRecord>, id: u64) -> Option<&mut Connectio
 
 /// Milliseconds since the Unix epoch.
 pub fn unix_ms(time: SystemTime) -> u64 {
-    time.duration_since(UNIX_EPOCH).unwrap_or(Duration::ZERO).as_millis() as u64
+    time.duration_since(UNIX_EPOCH)
+        .unwrap_or(Duration::ZERO)
+        .as_millis() as u64
 }
 
 #[cfg(test)]
@@ -448,7 +470,10 @@ mod tests {
         assert_eq!(recent.iter().map(|r| r.id).collect::<Vec<_>>(), vec![4, 5]);
         let totals = store.totals();
         let web = totals.values().next().unwrap();
-        assert_eq!((web.plaintext, web.bytes_sent, web.bytes_received), (5, 50, 100));
+        assert_eq!(
+            (web.plaintext, web.bytes_sent, web.bytes_received),
+            (5, 50, 100)
+        );
     }
 
     #[test]
@@ -464,7 +489,11 @@ mod tests {
         assert_eq!(record.reason.as_deref(), Some("destination reset"));
         assert_eq!(updates.try_recv().unwrap().id, id);
         assert!(!updates.try_recv().unwrap().open);
-        store.refused(conn(), Verdict::Dropped, "STRICT by istio-system/default".into());
+        store.refused(
+            conn(),
+            Verdict::Dropped,
+            "STRICT by istio-system/default".into(),
+        );
         let totals = store.totals();
         let web = totals.values().next().unwrap();
         assert_eq!((web.failed, web.dropped), (1, 1));

@@ -116,7 +116,9 @@ impl Lab {
             LAB_COUNTER.fetch_add(1, Ordering::Relaxed)
         );
         let dir = std::env::temp_dir().join("interceptor-lab").join(&name);
-        let cgroup_root = interceptor::cgroup::cgroup2_mount()?.join("interceptor-lab").join(&name);
+        let cgroup_root = interceptor::cgroup::cgroup2_mount()?
+            .join("interceptor-lab")
+            .join(&name);
         let mut lab = Lab {
             dir,
             nodes: Vec::new(),
@@ -154,7 +156,15 @@ impl Lab {
             for other in &self.nodes {
                 if other.index != node.index {
                     let range = format!("198.19.{}.0/24", other.index);
-                    ip(&["-n", &node.netns, "route", "add", &range, "via", &other.underlay_ip.to_string()])?;
+                    ip(&[
+                        "-n",
+                        &node.netns,
+                        "route",
+                        "add",
+                        &range,
+                        "via",
+                        &other.underlay_ip.to_string(),
+                    ])?;
                 }
             }
         }
@@ -169,9 +179,20 @@ impl Lab {
         let underlay_ip = Ipv4Addr::new(198, 18, 0, 10 + index);
         ip(&["netns", "add", &netns])?;
         let port = format!("node{index}");
-        ip(&["-n", fabric, "link", "add", &port, "type", "veth", "peer", "name", "eth0", "netns", &netns])?;
+        ip(&[
+            "-n", fabric, "link", "add", &port, "type", "veth", "peer", "name", "eth0", "netns",
+            &netns,
+        ])?;
         ip(&["-n", fabric, "link", "set", &port, "master", "br0", "up"])?;
-        ip(&["-n", &netns, "addr", "add", &format!("{underlay_ip}/24"), "dev", "eth0"])?;
+        ip(&[
+            "-n",
+            &netns,
+            "addr",
+            "add",
+            &format!("{underlay_ip}/24"),
+            "dev",
+            "eth0",
+        ])?;
         ip(&["-n", &netns, "link", "set", "eth0", "up"])?;
         ip(&["-n", &netns, "link", "set", "lo", "up"])?;
         sysctl(&netns, "net/ipv4/ip_forward", "1")?;
@@ -191,7 +212,9 @@ impl Lab {
             metrics_addr: format!("{underlay_ip}:15020"),
             ca_dir,
             state_dir: node_dir.join("state"),
-            bpf_dir: Path::new(BPF_ROOT).join(&self.name).join(format!("node-{index}")),
+            bpf_dir: Path::new(BPF_ROOT)
+                .join(&self.name)
+                .join(format!("node-{index}")),
             log: node_dir.join("agent.log"),
             agent: None,
             next_pod: 10,
@@ -203,8 +226,14 @@ impl Lab {
     pub fn start_agent(&mut self, index: u8) -> anyhow::Result<()> {
         let mesh_dir = self.dir.join("mesh");
         let node = self.node_mut(index)?;
-        ensure!(node.agent.is_none(), "agent of node {index} is already running");
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(&node.log)?;
+        ensure!(
+            node.agent.is_none(),
+            "agent of node {index} is already running"
+        );
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&node.log)?;
         let mut command = Command::new(interceptor_bin()?);
         command
             .args(["agent", "--node-name", &node.name])
@@ -223,7 +252,10 @@ impl Lab {
             .arg("--policy-dir")
             .arg(&node.policy_dir)
             .args(["--metrics-addr", &node.metrics_addr])
-            .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()))
+            .env(
+                "RUST_LOG",
+                std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
+            )
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log);
@@ -233,16 +265,26 @@ impl Lab {
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
             let node = self.node_mut(index)?;
-            if let Some(status) = node.agent.as_mut().and_then(|a| a.try_wait().ok().flatten()) {
+            if let Some(status) = node
+                .agent
+                .as_mut()
+                .and_then(|a| a.try_wait().ok().flatten())
+            {
                 node.agent = None;
-                bail!("agent of node {index} exited with {status}:\n{}", self.agent_log(index));
+                bail!(
+                    "agent of node {index} exited with {status}:\n{}",
+                    self.agent_log(index)
+                );
             }
             let probe = self.cli(index, &["workload", "list", "--json"]);
             if socket.exists() && probe.is_ok_and(|o| o.status.success()) {
                 return Ok(());
             }
             if Instant::now() > deadline {
-                bail!("agent of node {index} did not answer within 20 s:\n{}", self.agent_log(index));
+                bail!(
+                    "agent of node {index} did not answer within 20 s:\n{}",
+                    self.agent_log(index)
+                );
             }
             std::thread::sleep(Duration::from_millis(50));
         }
@@ -280,15 +322,72 @@ impl Lab {
         let cgroup = n.pods_cgroup.join(name);
         ip(&["netns", "add", &netns])?;
         let port = format!("pod{slot}");
-        ip(&["-n", &node_netns, "link", "add", &port, "type", "veth", "peer", "name", "eth0", "netns", &netns])?;
-        ip(&["-n", &node_netns, "addr", "add", &format!("{gateway}/32"), "dev", &port])?;
+        ip(&[
+            "-n",
+            &node_netns,
+            "link",
+            "add",
+            &port,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "eth0",
+            "netns",
+            &netns,
+        ])?;
+        ip(&[
+            "-n",
+            &node_netns,
+            "addr",
+            "add",
+            &format!("{gateway}/32"),
+            "dev",
+            &port,
+        ])?;
         ip(&["-n", &node_netns, "link", "set", &port, "up"])?;
-        ip(&["-n", &node_netns, "route", "add", &format!("{pod_ip}/32"), "dev", &port])?;
-        ip(&["-n", &netns, "addr", "add", &format!("{pod_ip}/32"), "dev", "eth0"])?;
+        ip(&[
+            "-n",
+            &node_netns,
+            "route",
+            "add",
+            &format!("{pod_ip}/32"),
+            "dev",
+            &port,
+        ])?;
+        ip(&[
+            "-n",
+            &netns,
+            "addr",
+            "add",
+            &format!("{pod_ip}/32"),
+            "dev",
+            "eth0",
+        ])?;
         ip(&["-n", &netns, "link", "set", "eth0", "up"])?;
         ip(&["-n", &netns, "link", "set", "lo", "up"])?;
-        ip(&["-n", &netns, "route", "add", &gateway.to_string(), "dev", "eth0", "scope", "link"])?;
-        ip(&["-n", &netns, "route", "add", "default", "via", &gateway.to_string(), "dev", "eth0"])?;
+        ip(&[
+            "-n",
+            &netns,
+            "route",
+            "add",
+            &gateway.to_string(),
+            "dev",
+            "eth0",
+            "scope",
+            "link",
+        ])?;
+        ip(&[
+            "-n",
+            &netns,
+            "route",
+            "add",
+            "default",
+            "via",
+            &gateway.to_string(),
+            "dev",
+            "eth0",
+        ])?;
         std::fs::create_dir_all(&cgroup)?;
         let pod = Pod {
             name: name.to_owned(),
@@ -303,7 +402,12 @@ impl Lab {
     }
 
     /// Enrolls a pod with its node's agent through the CLI.
-    pub fn enroll(&self, pod: &Pod, service_account: &str, labels: &[(&str, &str)]) -> anyhow::Result<()> {
+    pub fn enroll(
+        &self,
+        pod: &Pod,
+        service_account: &str,
+        labels: &[(&str, &str)],
+    ) -> anyhow::Result<()> {
         let netns = netns_path(&pod.netns);
         let mut args = vec![
             "workload".to_owned(),
@@ -358,17 +462,33 @@ impl Lab {
     }
 
     /// A command that runs inside a pod: in its network namespace and its cgroup.
-    pub fn in_pod(&self, pod: &Pod, program: impl AsRef<std::ffi::OsStr>) -> anyhow::Result<Command> {
+    pub fn in_pod(
+        &self,
+        pod: &Pod,
+        program: impl AsRef<std::ffi::OsStr>,
+    ) -> anyhow::Result<Command> {
         let mut command = Command::new(program);
-        enter(&mut command, Some(&netns_path(&pod.netns)), Some(&pod.cgroup))?;
+        enter(
+            &mut command,
+            Some(&netns_path(&pod.netns)),
+            Some(&pod.cgroup),
+        )?;
         Ok(command)
     }
 
     /// A command that runs on a node, outside the mesh (the node's namespace, not a pod's
     /// cgroup).
-    pub fn on_node(&self, node: u8, program: impl AsRef<std::ffi::OsStr>) -> anyhow::Result<Command> {
+    pub fn on_node(
+        &self,
+        node: u8,
+        program: impl AsRef<std::ffi::OsStr>,
+    ) -> anyhow::Result<Command> {
         let mut command = Command::new(program);
-        enter(&mut command, Some(&netns_path(&self.node(node)?.netns)), None)?;
+        enter(
+            &mut command,
+            Some(&netns_path(&self.node(node)?.netns)),
+            None,
+        )?;
         Ok(command)
     }
 
@@ -478,10 +598,10 @@ fn collect_stale_labs() {
     for entries in sources.into_iter().flatten() {
         for entry in entries.flatten() {
             let file = entry.file_name().to_string_lossy().into_owned();
-            if let Some(lab) = lab_of(&file) {
-                if !names.contains(&lab) {
-                    names.push(lab);
-                }
+            if let Some(lab) = lab_of(&file)
+                && !names.contains(&lab)
+            {
+                names.push(lab);
             }
         }
     }
@@ -511,7 +631,9 @@ fn lab_of(file: &str) -> Option<String> {
 /// parent. The files are opened here, before fork; the child only makes raw system calls.
 fn enter(command: &mut Command, netns: Option<&Path>, cgroup: Option<&Path>) -> anyhow::Result<()> {
     let netns = netns
-        .map(|path| File::open(path).with_context(|| format!("network namespace {}", path.display())))
+        .map(|path| {
+            File::open(path).with_context(|| format!("network namespace {}", path.display()))
+        })
         .transpose()?;
     let procs = cgroup
         .map(|path| {
@@ -527,15 +649,15 @@ fn enter(command: &mut Command, netns: Option<&Path>, cgroup: Option<&Path>) -> 
             if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
                 return Err(io::Error::last_os_error());
             }
-            if let Some(procs) = &procs {
-                if libc::write(procs.as_raw_fd(), b"0".as_ptr().cast(), 1) != 1 {
-                    return Err(io::Error::last_os_error());
-                }
+            if let Some(procs) = &procs
+                && libc::write(procs.as_raw_fd(), b"0".as_ptr().cast(), 1) != 1
+            {
+                return Err(io::Error::last_os_error());
             }
-            if let Some(netns) = &netns {
-                if libc::setns(netns.as_raw_fd(), libc::CLONE_NEWNET) != 0 {
-                    return Err(io::Error::last_os_error());
-                }
+            if let Some(netns) = &netns
+                && libc::setns(netns.as_raw_fd(), libc::CLONE_NEWNET) != 0
+            {
+                return Err(io::Error::last_os_error());
             }
             Ok(())
         });
@@ -546,16 +668,25 @@ fn enter(command: &mut Command, netns: Option<&Path>, cgroup: Option<&Path>) -> 
 /// Fails loudly when the machine cannot run the lab.
 fn preflight() -> anyhow::Result<()> {
     // SAFETY: geteuid has no preconditions.
-    ensure!(unsafe { libc::geteuid() } == 0, "the lab needs root (network namespaces, cgroups, eBPF)");
+    ensure!(
+        unsafe { libc::geteuid() } == 0,
+        "the lab needs root (network namespaces, cgroups, eBPF)"
+    );
     interceptor::cgroup::cgroup2_mount()?;
     let mounts = std::fs::read_to_string("/proc/mounts")?;
     ensure!(
-        mounts.lines().any(|l| l.split_whitespace().nth(2) == Some("bpf")),
+        mounts
+            .lines()
+            .any(|l| l.split_whitespace().nth(2) == Some("bpf")),
         "bpffs is not mounted at /sys/fs/bpf; run `cargo xtask setup`"
     );
     for tool in ["ip", "curl"] {
         ensure!(
-            Command::new("sh").args(["-c", &format!("command -v {tool}")]).output()?.status.success(),
+            Command::new("sh")
+                .args(["-c", &format!("command -v {tool}")])
+                .output()?
+                .status
+                .success(),
             "`{tool}` is missing; run `cargo xtask setup`"
         );
     }
@@ -573,7 +704,10 @@ pub fn interceptor_bin() -> anyhow::Result<PathBuf> {
 
 /// The `lab-fixture` test tool from the same cargo target directory.
 pub fn fixture_bin() -> anyhow::Result<PathBuf> {
-    sibling_bin("lab-fixture", "cargo build --release -p interceptor-tests --bins")
+    sibling_bin(
+        "lab-fixture",
+        "cargo build --release -p interceptor-tests --bins",
+    )
 }
 
 /// A binary built into the same target directory as the running executable (tests run from
@@ -605,7 +739,10 @@ fn run_interceptor(args: &[&str]) -> anyhow::Result<()> {
 }
 
 fn ip(args: &[&str]) -> anyhow::Result<()> {
-    let output = Command::new("ip").args(args).output().context("running ip")?;
+    let output = Command::new("ip")
+        .args(args)
+        .output()
+        .context("running ip")?;
     ensure!(
         output.status.success(),
         "ip {}: {}",
@@ -630,7 +767,8 @@ pub fn netns_path(name: &str) -> PathBuf {
 }
 
 fn path_str(path: &Path) -> anyhow::Result<&str> {
-    path.to_str().with_context(|| format!("non-UTF-8 path {}", path.display()))
+    path.to_str()
+        .with_context(|| format!("non-UTF-8 path {}", path.display()))
 }
 
 #[cfg(test)]

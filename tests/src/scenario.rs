@@ -14,7 +14,9 @@ use crate::lab::{Lab, Pod, fixture_bin};
 /// Starts `lab-fixture <kind> --port <port>` in a pod and waits until it listens.
 pub fn start_fixture(lab: &mut Lab, pod: &Pod, kind: &str, port: u16) -> anyhow::Result<()> {
     let mut command = lab.in_pod(pod, fixture_bin()?)?;
-    command.args([kind, "--port", &port.to_string()]).stdout(Stdio::null());
+    command
+        .args([kind, "--port", &port.to_string()])
+        .stdout(Stdio::null());
     lab.spawn(command)?;
     wait_listening(lab, pod, port)
 }
@@ -23,7 +25,10 @@ pub fn start_fixture(lab: &mut Lab, pod: &Pod, kind: &str, port: u16) -> anyhow:
 pub fn wait_listening(lab: &Lab, pod: &Pod, port: u16) -> anyhow::Result<()> {
     let deadline = Instant::now() + Duration::from_secs(10);
     while Instant::now() < deadline {
-        let out = lab.in_pod(pod, "ss")?.args(["-Hltn", &format!("sport = :{port}")]).output()?;
+        let out = lab
+            .in_pod(pod, "ss")?
+            .args(["-Hltn", &format!("sport = :{port}")])
+            .output()?;
         if !out.stdout.is_empty() {
             return Ok(());
         }
@@ -53,8 +58,16 @@ pub fn probe(command: Command, to: &str) -> anyhow::Result<(String, u64)> {
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
     let mut fields = text.split_whitespace();
     let outcome = fields.next().unwrap_or("").to_owned();
-    let millis = fields.next().unwrap_or("").parse::<u64>().unwrap_or(u64::MAX);
-    ensure!(!outcome.is_empty(), "probe printed nothing: {}", String::from_utf8_lossy(&out.stderr));
+    let millis = fields
+        .next()
+        .unwrap_or("")
+        .parse::<u64>()
+        .unwrap_or(u64::MAX);
+    ensure!(
+        !outcome.is_empty(),
+        "probe printed nothing: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     Ok((outcome, millis))
 }
 
@@ -67,5 +80,8 @@ pub fn status_json(lab: &Lab, node: u8, filters: &[&str]) -> anyhow::Result<Valu
 
 /// The records of a node's status.
 pub fn records(lab: &Lab, node: u8) -> anyhow::Result<Vec<Value>> {
-    Ok(status_json(lab, node, &[])?["records"].as_array().cloned().unwrap_or_default())
+    Ok(status_json(lab, node, &[])?["records"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default())
 }

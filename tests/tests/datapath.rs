@@ -39,14 +39,22 @@ fn status(lab: &Lab, node: u8) -> anyhow::Result<Value> {
 }
 
 #[test]
-fn pod_to_pod_over_mutual_tls_with_large_transfers_and_no_plaintext_on_the_wire() -> anyhow::Result<()> {
+fn pod_to_pod_over_mutual_tls_with_large_transfers_and_no_plaintext_on_the_wire()
+-> anyhow::Result<()> {
     let (mut lab, client, server) = two_node_lab()?;
     let url = |path: &str| format!("http://{}:{HTTP_PORT}{path}", server.ip);
 
     let body = curl(lab.in_pod(&client, "curl")?, &url("/vehicles/"), &[])?;
-    ensure!(body.status.success(), "curl failed: {}", String::from_utf8_lossy(&body.stderr));
+    ensure!(
+        body.status.success(),
+        "curl failed: {}",
+        String::from_utf8_lossy(&body.stderr)
+    );
     let vehicles: Value = serde_json::from_slice(&body.stdout)?;
-    ensure!(vehicles[0]["name"] == "Vehicle 1", "unexpected body {vehicles}");
+    ensure!(
+        vehicles[0]["name"] == "Vehicle 1",
+        "unexpected body {vehicles}"
+    );
 
     // 100 MB each way, with a capture on node 1's link to the underlay during the upload.
     const SIZE: u64 = 100 * 1024 * 1024;
@@ -59,18 +67,42 @@ fn pod_to_pod_over_mutual_tls_with_large_transfers_and_no_plaintext_on_the_wire(
     let upload = curl(
         lab.in_pod(&client, "curl")?,
         &url("/upload"),
-        &["--data-binary", &format!("@{}", upload_file.display()), "-H", "Content-Type: application/octet-stream", "-H", "Expect:"],
+        &[
+            "--data-binary",
+            &format!("@{}", upload_file.display()),
+            "-H",
+            "Content-Type: application/octet-stream",
+            "-H",
+            "Expect:",
+        ],
     )?;
     stop_capture(tcpdump)?;
-    ensure!(upload.status.success(), "upload failed: {}", String::from_utf8_lossy(&upload.stderr));
+    ensure!(
+        upload.status.success(),
+        "upload failed: {}",
+        String::from_utf8_lossy(&upload.stderr)
+    );
     let answer: Value = serde_json::from_slice(&upload.stdout)?;
     ensure!(answer["bytes"] == SIZE, "upload size {answer}");
-    ensure!(answer["sha256"] == expected_upload.as_str(), "upload sha mismatch: {answer}");
+    ensure!(
+        answer["sha256"] == expected_upload.as_str(),
+        "upload sha mismatch: {answer}"
+    );
 
     let pcap = std::fs::read(&capture)?;
-    ensure!(pcap.len() > 1_000_000, "capture too small ({} bytes): was anything captured?", pcap.len());
-    ensure!(!contains(&pcap, marker), "plaintext payload marker found on the wire between nodes");
-    ensure!(count_tls_records(&capture)? > 100, "no TLS application data records on port 15008 in the capture");
+    ensure!(
+        pcap.len() > 1_000_000,
+        "capture too small ({} bytes): was anything captured?",
+        pcap.len()
+    );
+    ensure!(
+        !contains(&pcap, marker),
+        "plaintext payload marker found on the wire between nodes"
+    );
+    ensure!(
+        count_tls_records(&capture)? > 100,
+        "no TLS application data records on port 15008 in the capture"
+    );
 
     let download_file = lab.dir.join("download.bin");
     let download = curl(
@@ -78,8 +110,15 @@ fn pod_to_pod_over_mutual_tls_with_large_transfers_and_no_plaintext_on_the_wire(
         &url(&format!("/download/{SIZE}")),
         &["-o", download_file.to_str().context("path")?],
     )?;
-    ensure!(download.status.success(), "download failed: {}", String::from_utf8_lossy(&download.stderr));
-    ensure!(sha256_file(&download_file)? == pattern::sha256_hex(1, SIZE), "download sha mismatch");
+    ensure!(
+        download.status.success(),
+        "download failed: {}",
+        String::from_utf8_lossy(&download.stderr)
+    );
+    ensure!(
+        sha256_file(&download_file)? == pattern::sha256_hex(1, SIZE),
+        "download sha mismatch"
+    );
 
     // Both agents saw it as mutual TLS between the right identities.
     let outbound = records(&lab, 1)?;
@@ -113,10 +152,21 @@ fn the_capture_check_sees_plaintext_when_traffic_bypasses_the_mesh() -> anyhow::
     let capture = lab.dir.join("plain.pcap");
     let tcpdump = start_capture(&mut lab, 1, &capture)?;
     let url = format!("http://{}:{HTTP_PORT}/upload", server.ip);
-    let out = curl(lab.on_node(1, "curl")?, &url, &["--data-binary", &format!("@{}", file.display())])?;
+    let out = curl(
+        lab.on_node(1, "curl")?,
+        &url,
+        &["--data-binary", &format!("@{}", file.display())],
+    )?;
     stop_capture(tcpdump)?;
-    ensure!(out.status.success(), "plain upload failed: {}", String::from_utf8_lossy(&out.stderr));
-    ensure!(contains(&std::fs::read(&capture)?, marker), "marker not found in a plaintext capture");
+    ensure!(
+        out.status.success(),
+        "plain upload failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    ensure!(
+        contains(&std::fs::read(&capture)?, marker),
+        "marker not found in a plaintext capture"
+    );
     Ok(())
 }
 
@@ -129,10 +179,17 @@ fn processes_outside_the_pods_cgroup_are_not_captured() -> anyhow::Result<()> {
         &format!("http://{}:{HTTP_PORT}/vehicles/", server.ip),
         &[],
     )?;
-    ensure!(out.status.success(), "direct call failed: {}", String::from_utf8_lossy(&out.stderr));
+    ensure!(
+        out.status.success(),
+        "direct call failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     ensure!(String::from_utf8_lossy(&out.stdout).contains("Vehicle 1"));
     let after = status(&lab, 1)?;
-    ensure!(after["records"] == before["records"], "agent 1 recorded a connection it must not see");
+    ensure!(
+        after["records"] == before["records"],
+        "agent 1 recorded a connection it must not see"
+    );
     ensure!(
         after["kernel"]["redirected"] == before["kernel"]["redirected"],
         "the kernel redirected a connection from outside the pods' cgroup"
@@ -145,9 +202,20 @@ fn loopback_destinations_inside_a_pod_are_not_captured() -> anyhow::Result<()> {
     let (mut lab, client, _server) = two_node_lab()?;
     start_fixture(&mut lab, &client, "http", 7070)?;
     let before = status(&lab, 1)?["kernel"]["redirected"].clone();
-    let out = curl(lab.in_pod(&client, "curl")?, "http://127.0.0.1:7070/vehicles/", &[])?;
-    ensure!(out.status.success(), "loopback call failed: {}", String::from_utf8_lossy(&out.stderr));
-    ensure!(status(&lab, 1)?["kernel"]["redirected"] == before, "a loopback connect was redirected");
+    let out = curl(
+        lab.in_pod(&client, "curl")?,
+        "http://127.0.0.1:7070/vehicles/",
+        &[],
+    )?;
+    ensure!(
+        out.status.success(),
+        "loopback call failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    ensure!(
+        status(&lab, 1)?["kernel"]["redirected"] == before,
+        "a loopback connect was redirected"
+    );
     Ok(())
 }
 
@@ -161,7 +229,11 @@ fn destinations_outside_the_mesh_are_reached_in_plaintext() -> anyhow::Result<()
         &format!("http://{}:8080/vehicles/", outsider.ip),
         &[],
     )?;
-    ensure!(out.status.success(), "call failed: {}", String::from_utf8_lossy(&out.stderr));
+    ensure!(
+        out.status.success(),
+        "call failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let records = records(&lab, 1)?;
     ensure!(
         records.iter().any(|r| r["direction"] == "outbound"
@@ -189,11 +261,21 @@ fn an_agent_with_a_certificate_from_another_ca_is_refused() -> anyhow::Result<()
         &format!("http://{}:{HTTP_PORT}/vehicles/", server.ip),
         &[],
     )?;
-    ensure!(!out.status.success(), "a foreign-CA agent got through: {}", String::from_utf8_lossy(&out.stdout));
-    ensure!(!String::from_utf8_lossy(&out.stdout).contains("Vehicle"), "plaintext fallback happened");
+    ensure!(
+        !out.status.success(),
+        "a foreign-CA agent got through: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    ensure!(
+        !String::from_utf8_lossy(&out.stdout).contains("Vehicle"),
+        "plaintext fallback happened"
+    );
     // The server app saw no request from the intruder (only this check itself).
     let served = curl(lab.on_node(2, "curl")?, &requests_url, &[])?;
-    ensure!(String::from_utf8_lossy(&served.stdout).trim() == "1", "the app saw the intruder's request");
+    ensure!(
+        String::from_utf8_lossy(&served.stdout).trim() == "1",
+        "the app saw the intruder's request"
+    );
     let inbound = records(&lab, 2)?;
     ensure!(
         inbound.iter().any(|r| r["verdict"] == "dropped"
@@ -208,7 +290,15 @@ fn two_hundred_concurrent_connections_through_the_tunnel() -> anyhow::Result<()>
     let (lab, client, server) = two_node_lab()?;
     let out = lab
         .in_pod(&client, fixture()?)?
-        .args(["many", "--to", &format!("{}:{SINK_PORT}", server.ip), "--connections", "200", "--bytes", "65536"])
+        .args([
+            "many",
+            "--to",
+            &format!("{}:{SINK_PORT}", server.ip),
+            "--connections",
+            "200",
+            "--bytes",
+            "65536",
+        ])
         .output()?;
     ensure!(
         out.status.success(),
@@ -226,11 +316,27 @@ fn half_close_still_gets_the_whole_response() -> anyhow::Result<()> {
     let bytes = 3 * 1024 * 1024 + 17;
     let out = lab
         .in_pod(&client, fixture()?)?
-        .args(["send", "--to", &format!("{}:{SINK_PORT}", server.ip), "--bytes", &bytes.to_string(), "--seed", "42"])
+        .args([
+            "send",
+            "--to",
+            &format!("{}:{SINK_PORT}", server.ip),
+            "--bytes",
+            &bytes.to_string(),
+            "--seed",
+            "42",
+        ])
         .output()?;
-    ensure!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    ensure!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let expected = format!("{bytes} {}\n", pattern::sha256_hex(42, bytes));
-    ensure!(String::from_utf8_lossy(&out.stdout) == expected, "answer {:?}", String::from_utf8_lossy(&out.stdout));
+    ensure!(
+        String::from_utf8_lossy(&out.stdout) == expected,
+        "answer {:?}",
+        String::from_utf8_lossy(&out.stdout)
+    );
     Ok(())
 }
 
@@ -243,13 +349,21 @@ fn a_closed_destination_port_is_refused_quickly() -> anyhow::Result<()> {
         .output()?;
     let text = String::from_utf8_lossy(&out.stdout);
     let mut fields = text.split_whitespace();
-    let (outcome, millis) = (fields.next().unwrap_or(""), fields.next().unwrap_or("").parse::<u64>()?);
-    ensure!(matches!(outcome, "refused" | "reset"), "closed port gave {outcome}");
+    let (outcome, millis) = (
+        fields.next().unwrap_or(""),
+        fields.next().unwrap_or("").parse::<u64>()?,
+    );
+    ensure!(
+        matches!(outcome, "refused" | "reset"),
+        "closed port gave {outcome}"
+    );
     ensure!(millis < 1000, "closed port took {millis} ms");
     let outbound = records(&lab, 1)?;
     ensure!(
-        outbound.iter().any(|r| r["verdict"] == "failed"
-            && r["reason"].as_str().unwrap_or("").contains("refused")),
+        outbound
+            .iter()
+            .any(|r| r["verdict"] == "failed"
+                && r["reason"].as_str().unwrap_or("").contains("refused")),
         "no failed record: {outbound:#?}"
     );
     Ok(())
@@ -295,7 +409,11 @@ fn contains(haystack: &[u8], needle: &[u8]) -> bool {
 }
 
 /// Captures the first 20,000 packets on the node's underlay link.
-fn start_capture(lab: &mut Lab, node: u8, file: &std::path::Path) -> anyhow::Result<std::process::Child> {
+fn start_capture(
+    lab: &mut Lab,
+    node: u8,
+    file: &std::path::Path,
+) -> anyhow::Result<std::process::Child> {
     let mut command = lab.on_node(node, "tcpdump")?;
     command
         .args(["-i", "eth0", "-s", "0", "-U", "-c", "20000", "-w"])
@@ -304,7 +422,9 @@ fn start_capture(lab: &mut Lab, node: u8, file: &std::path::Path) -> anyhow::Res
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::piped());
-    let mut child = command.spawn().context("starting tcpdump (cargo xtask setup installs it)")?;
+    let mut child = command
+        .spawn()
+        .context("starting tcpdump (cargo xtask setup installs it)")?;
     // tcpdump says "listening on" once the capture is open.
     let stderr = child.stderr.take().context("tcpdump stderr")?;
     let mut reader = std::io::BufReader::new(stderr);
@@ -326,9 +446,22 @@ fn count_tls_records(capture: &std::path::Path) -> anyhow::Result<usize> {
     let out = Command::new("tshark")
         .args(["-n", "-r"])
         .arg(capture)
-        .args(["-d", "tcp.port==15008,tls", "-Y", "tls.record.opaque_type == 23", "-T", "fields", "-e", "frame.number"])
+        .args([
+            "-d",
+            "tcp.port==15008,tls",
+            "-Y",
+            "tls.record.opaque_type == 23",
+            "-T",
+            "fields",
+            "-e",
+            "frame.number",
+        ])
         .output()
         .context("running tshark (cargo xtask setup installs it)")?;
-    ensure!(out.status.success(), "tshark: {}", String::from_utf8_lossy(&out.stderr));
+    ensure!(
+        out.status.success(),
+        "tshark: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     Ok(String::from_utf8_lossy(&out.stdout).lines().count())
 }

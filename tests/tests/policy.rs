@@ -30,7 +30,11 @@ fn walkthrough() -> anyhow::Result<Walkthrough> {
     start_fixture(&mut lab, &tracker, "http", 8080)?;
     start_fixture(&mut lab, &tracker, "http", 8081)?;
     start_fixture(&mut lab, &tracker, "sink", 9000)?;
-    Ok(Walkthrough { lab, sleep, tracker })
+    Ok(Walkthrough {
+        lab,
+        sleep,
+        tracker,
+    })
 }
 
 impl Walkthrough {
@@ -40,29 +44,56 @@ impl Walkthrough {
 
     /// curl from node 1's host namespace: a caller outside the mesh.
     fn outside_gets_json(&self, port: u16) -> anyhow::Result<bool> {
-        let out = curl(self.lab.on_node(1, "curl")?, &self.url(port), &["--max-time", "5"])?;
+        let out = curl(
+            self.lab.on_node(1, "curl")?,
+            &self.url(port),
+            &["--max-time", "5"],
+        )?;
         Ok(out.status.success() && String::from_utf8_lossy(&out.stdout).contains("Vehicle 1"))
     }
 
     /// The outside caller is refused (reset or refused) within a second, never answered.
     fn outside_is_refused(&self, port: u16) -> anyhow::Result<()> {
-        let (outcome, millis) = probe(self.lab.on_node(1, fixture_bin()?)?, &format!("{}:{port}", self.tracker.ip))?;
-        ensure!(matches!(outcome.as_str(), "refused" | "reset"), "plaintext to port {port} gave {outcome}");
+        let (outcome, millis) = probe(
+            self.lab.on_node(1, fixture_bin()?)?,
+            &format!("{}:{port}", self.tracker.ip),
+        )?;
+        ensure!(
+            matches!(outcome.as_str(), "refused" | "reset"),
+            "plaintext to port {port} gave {outcome}"
+        );
         ensure!(millis < 1000, "refusal took {millis} ms");
         Ok(())
     }
 
     fn meshed_gets_json(&self) -> anyhow::Result<bool> {
-        let out = curl(self.lab.in_pod(&self.sleep, "curl")?, &self.url(8080), &["--max-time", "5"])?;
+        let out = curl(
+            self.lab.in_pod(&self.sleep, "curl")?,
+            &self.url(8080),
+            &["--max-time", "5"],
+        )?;
         Ok(out.status.success() && String::from_utf8_lossy(&out.stdout).contains("Vehicle 1"))
     }
 
     fn apply(&self, file: &Path) -> anyhow::Result<std::process::Output> {
-        self.lab.cli(2, &["policy", "apply", file.to_str().unwrap_or_default()])
+        self.lab
+            .cli(2, &["policy", "apply", file.to_str().unwrap_or_default()])
+    }
+
+    fn apply_ok(&self, file: &Path) -> anyhow::Result<()> {
+        let out = self.apply(file)?;
+        ensure!(
+            out.status.success(),
+            "policy apply {}: {}",
+            file.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(())
     }
 
     fn effective(&self) -> anyhow::Result<Value> {
-        let report: Value = serde_json::from_str(&self.lab.cli_ok(2, &["policy", "list", "--json"])?)?;
+        let report: Value =
+            serde_json::from_str(&self.lab.cli_ok(2, &["policy", "list", "--json"])?)?;
         Ok(report["workloads"]["vehicles/position-tracker"].clone())
     }
 
@@ -80,18 +111,27 @@ fn policies_dir() -> PathBuf {
 #[test]
 fn the_walkthrough_permissive_then_strict_then_deleted() -> anyhow::Result<()> {
     let w = walkthrough()?;
-    ensure!(w.outside_gets_json(8080)?, "PERMISSIVE: the outside caller should get the JSON");
+    ensure!(
+        w.outside_gets_json(8080)?,
+        "PERMISSIVE: the outside caller should get the JSON"
+    );
     ensure!(w.meshed_gets_json()?, "the meshed pod should get the JSON");
 
-    let out = w.apply(&policies_dir().join("mesh-strict.yaml"))?;
-    ensure!(out.status.success(), "apply failed: {}", String::from_utf8_lossy(&out.stderr));
+    w.apply_ok(&policies_dir().join("mesh-strict.yaml"))?;
     w.outside_is_refused(8080)?;
-    ensure!(w.meshed_gets_json()?, "STRICT: the meshed pod must still get the JSON over mutual TLS");
+    ensure!(
+        w.meshed_gets_json()?,
+        "STRICT: the meshed pod must still get the JSON over mutual TLS"
+    );
     ensure!(w.effective()?["default"]["mode"] == "STRICT");
     ensure!(w.effective()?["default"]["policy"]["name"] == "default");
 
-    w.lab.cli_ok(2, &["policy", "delete", "default", "-n", "istio-system"])?;
-    ensure!(w.outside_gets_json(8080)?, "after delete the outside caller should get the JSON again");
+    w.lab
+        .cli_ok(2, &["policy", "delete", "default", "-n", "istio-system"])?;
+    ensure!(
+        w.outside_gets_json(8080)?,
+        "after delete the outside caller should get the JSON again"
+    );
     Ok(())
 }
 
@@ -102,7 +142,7 @@ fn namespace_workload_and_port_level_precedence() -> anyhow::Result<()> {
         "ns.yaml",
         "apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata:\n  name: ns-strict\n  namespace: vehicles\nspec:\n  mtls:\n    mode: STRICT\n",
     )?;
-    ensure!(w.apply(&namespace_strict)?.status.success());
+    w.apply_ok(&namespace_strict)?;
     w.outside_is_refused(8080)?;
     w.outside_is_refused(8081)?;
 
@@ -111,30 +151,47 @@ fn namespace_workload_and_port_level_precedence() -> anyhow::Result<()> {
         "workload.yaml",
         "apiVersion: security.istio.io/v1beta1\nkind: PeerAuthentication\nmetadata:\n  name: tracker\n  namespace: vehicles\nspec:\n  selector:\n    matchLabels:\n      app: position-tracker\n  mtls:\n    mode: UNSET\n  portLevelMtls:\n    8081:\n      mode: PERMISSIVE\n",
     )?;
-    ensure!(w.apply(&workload)?.status.success());
+    w.apply_ok(&workload)?;
     w.outside_is_refused(8080)?;
-    ensure!(w.outside_gets_json(8081)?, "port-level PERMISSIVE on 8081 should let plaintext in");
+    ensure!(
+        w.outside_gets_json(8081)?,
+        "port-level PERMISSIVE on 8081 should let plaintext in"
+    );
     let effective = w.effective()?;
-    ensure!(effective["default"]["policy"]["name"] == "ns-strict", "UNSET inherits the namespace policy: {effective}");
-    ensure!(effective["ports"]["8081"]["mode"] == "PERMISSIVE", "{effective}");
+    ensure!(
+        effective["default"]["policy"]["name"] == "ns-strict",
+        "UNSET inherits the namespace policy: {effective}"
+    );
+    ensure!(
+        effective["ports"]["8081"]["mode"] == "PERMISSIVE",
+        "{effective}"
+    );
 
     // A workload DISABLE beats the namespace STRICT.
     let disable = w.write_policy(
         "disable.yaml",
         "apiVersion: security.istio.io/v1beta1\nkind: PeerAuthentication\nmetadata:\n  name: tracker\n  namespace: vehicles\nspec:\n  selector:\n    matchLabels:\n      app: position-tracker\n  mtls:\n    mode: DISABLE\n",
     )?;
-    ensure!(w.apply(&disable)?.status.success());
-    ensure!(w.outside_gets_json(8080)?, "workload DISABLE should accept plaintext");
+    w.apply_ok(&disable)?;
+    ensure!(
+        w.outside_gets_json(8080)?,
+        "workload DISABLE should accept plaintext"
+    );
 
     // A namespace policy elsewhere does not touch this workload.
-    w.lab.cli_ok(2, &["policy", "delete", "tracker", "-n", "vehicles"])?;
-    w.lab.cli_ok(2, &["policy", "delete", "ns-strict", "-n", "vehicles"])?;
+    w.lab
+        .cli_ok(2, &["policy", "delete", "tracker", "-n", "vehicles"])?;
+    w.lab
+        .cli_ok(2, &["policy", "delete", "ns-strict", "-n", "vehicles"])?;
     let other = w.write_policy(
         "other.yaml",
         "apiVersion: security.istio.io/v1beta1\nkind: PeerAuthentication\nmetadata:\n  name: default\n  namespace: foo\nspec:\n  mtls:\n    mode: STRICT\n",
     )?;
-    ensure!(w.apply(&other)?.status.success());
-    ensure!(w.outside_gets_json(8080)?, "a STRICT policy in namespace foo must not affect vehicles");
+    w.apply_ok(&other)?;
+    ensure!(
+        w.outside_gets_json(8080)?,
+        "a STRICT policy in namespace foo must not affect vehicles"
+    );
     Ok(())
 }
 
@@ -157,39 +214,83 @@ fn bad_policy_files_are_refused_whole_and_change_nothing() -> anyhow::Result<()>
         // Each bad file goes in a directory with a good STRICT file: the whole batch must fail.
         let dir = w.lab.dir.join(format!("batch-{file}"));
         std::fs::create_dir_all(&dir)?;
-        std::fs::write(dir.join("a-good.yaml"), good.replace("name: default", "name: good"))?;
+        std::fs::write(
+            dir.join("a-good.yaml"),
+            good.replace("name: default", "name: good"),
+        )?;
         std::fs::write(dir.join(file), yaml)?;
         let out = w.apply(&dir)?;
         let stderr = String::from_utf8_lossy(&out.stderr);
         ensure!(!out.status.success(), "{file} was accepted");
-        ensure!(stderr.contains(file), "{file}: error does not name the file: {stderr}");
-        ensure!(stderr.contains(expected), "{file}: error does not name {expected:?}: {stderr}");
-        ensure!(stderr.contains(&format!("{file}:")), "{file}: error has no line number: {stderr}");
-        let validate = w.lab.cli(2, &["policy", "validate", dir.join(file).to_str().unwrap_or_default()])?;
+        ensure!(
+            stderr.contains(file),
+            "{file}: error does not name the file: {stderr}"
+        );
+        ensure!(
+            stderr.contains(expected),
+            "{file}: error does not name {expected:?}: {stderr}"
+        );
+        ensure!(
+            stderr.contains(&format!("{file}:")),
+            "{file}: error has no line number: {stderr}"
+        );
+        let validate = w.lab.cli(
+            2,
+            &[
+                "policy",
+                "validate",
+                dir.join(file).to_str().unwrap_or_default(),
+            ],
+        )?;
         ensure!(!validate.status.success(), "validate accepted {file}");
     }
-    ensure!(w.lab.cli_ok(2, &["policy", "list", "--json"])? == before, "a refused batch changed the policy");
-    ensure!(w.outside_gets_json(8080)?, "a refused batch changed enforcement");
+    ensure!(
+        w.lab.cli_ok(2, &["policy", "list", "--json"])? == before,
+        "a refused batch changed the policy"
+    );
+    ensure!(
+        w.outside_gets_json(8080)?,
+        "a refused batch changed enforcement"
+    );
     Ok(())
 }
 
 #[test]
 fn strict_holds_while_the_agent_is_down_and_the_agent_takes_over_again() -> anyhow::Result<()> {
     let mut w = walkthrough()?;
-    ensure!(w.apply(&policies_dir().join("mesh-strict.yaml"))?.status.success());
+    w.apply_ok(&policies_dir().join("mesh-strict.yaml"))?;
     w.outside_is_refused(8080)?;
     w.lab.kill_agent(2)?;
     w.outside_is_refused(8080)?;
     w.outside_is_refused(8081)?;
     w.lab.start_agent(2)?;
     w.outside_is_refused(8080)?;
-    ensure!(w.meshed_gets_json()?, "after restart the meshed pod should get the JSON");
-    // The drops that happened while the agent was down were recorded when it came back.
-    let status: Value = serde_json::from_str(&w.lab.cli_ok(2, &["status", "--output", "json", "--dropped"])?)?;
-    let drops = status["records"].as_array().map_or(0, Vec::len);
-    ensure!(drops >= 4, "expected every refusal recorded, found {drops}: {status:#}");
-    w.lab.cli_ok(2, &["policy", "delete", "default", "-n", "istio-system"])?;
-    ensure!(w.outside_gets_json(8080)?, "the restarted agent should apply policy changes");
+    ensure!(
+        w.meshed_gets_json()?,
+        "after restart the meshed pod should get the JSON"
+    );
+    // The refusals made while the agent was down (the only ones on 8081) were recorded when it
+    // came back, from the pinned ring buffer.
+    let status: Value = serde_json::from_str(
+        &w.lab
+            .cli_ok(2, &["status", "--output", "json", "--dropped"])?,
+    )?;
+    let records = status["records"].as_array().cloned().unwrap_or_default();
+    let on_8081 = format!("{}:8081", w.tracker.ip);
+    ensure!(
+        records.iter().any(|r| r["destination"] == on_8081.as_str()),
+        "the refusal made while the agent was down is missing: {status:#}"
+    );
+    ensure!(
+        status["kernel"]["strict_drops"].as_u64().unwrap_or(0) >= 4,
+        "kernel counted fewer refusals: {status:#}"
+    );
+    w.lab
+        .cli_ok(2, &["policy", "delete", "default", "-n", "istio-system"])?;
+    ensure!(
+        w.outside_gets_json(8080)?,
+        "the restarted agent should apply policy changes"
+    );
     Ok(())
 }
 
@@ -197,15 +298,22 @@ fn strict_holds_while_the_agent_is_down_and_the_agent_takes_over_again() -> anyh
 fn the_policy_directory_is_watched() -> anyhow::Result<()> {
     let w = walkthrough()?;
     let dir = w.lab.node(2)?.policy_dir.clone();
-    std::fs::copy(policies_dir().join("mesh-strict.yaml"), dir.join("mesh.yaml"))?;
-    wait_until(Duration::from_secs(5), || w.outside_is_refused(8080).is_ok())?;
+    std::fs::copy(
+        policies_dir().join("mesh-strict.yaml"),
+        dir.join("mesh.yaml"),
+    )?;
+    wait_until(Duration::from_secs(5), || {
+        w.outside_is_refused(8080).is_ok()
+    })?;
     // A broken edit is refused and the previous policy stays.
     std::fs::write(dir.join("broken.yaml"), "kind: [\n")?;
     std::thread::sleep(Duration::from_millis(1500));
     w.outside_is_refused(8080)?;
     std::fs::remove_file(dir.join("broken.yaml"))?;
     std::fs::remove_file(dir.join("mesh.yaml"))?;
-    wait_until(Duration::from_secs(5), || w.outside_gets_json(8080).unwrap_or(false))?;
+    wait_until(Duration::from_secs(5), || {
+        w.outside_gets_json(8080).unwrap_or(false)
+    })?;
     Ok(())
 }
 
@@ -215,13 +323,30 @@ fn a_policy_change_keeps_established_mutual_tls_connections() -> anyhow::Result<
     let bytes = 2 * 1024 * 1024;
     let to = format!("{}:9000", w.tracker.ip);
     let mut sender = w.lab.in_pod(&w.sleep, fixture_bin()?)?;
-    sender.args(["send", "--to", &to, "--bytes", &bytes.to_string(), "--seed", "5", "--pause-ms", "1500"]);
+    sender.args([
+        "send",
+        "--to",
+        &to,
+        "--bytes",
+        &bytes.to_string(),
+        "--seed",
+        "5",
+        "--pause-ms",
+        "1500",
+    ]);
     let handle = std::thread::spawn(move || fixture(sender, &[]));
     std::thread::sleep(Duration::from_millis(500));
-    ensure!(w.apply(&policies_dir().join("mesh-strict.yaml"))?.status.success());
-    let out = handle.join().map_err(|_| anyhow::anyhow!("sender panicked"))??;
+    w.apply_ok(&policies_dir().join("mesh-strict.yaml"))?;
+    let out = handle
+        .join()
+        .map_err(|_| anyhow::anyhow!("sender panicked"))??;
     let expected = format!("{bytes} {}\n", pattern::sha256_hex(5, bytes));
-    ensure!(String::from_utf8_lossy(&out.stdout) == expected, "connection broken by the policy change: {:?} {}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    ensure!(
+        String::from_utf8_lossy(&out.stdout) == expected,
+        "connection broken by the policy change: {:?} {}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
     Ok(())
 }
 

@@ -40,54 +40,127 @@ fn status_shows_mutual_tls_plaintext_and_dropped_and_metrics_agree() -> anyhow::
     std::thread::sleep(Duration::from_millis(300));
 
     // 1. meshed call, 2. outside plaintext under PERMISSIVE, 3. outside under STRICT.
-    ensure!(curl(lab.in_pod(&sleep, "curl")?, &url, &[])?.status.success());
+    ensure!(
+        curl(lab.in_pod(&sleep, "curl")?, &url, &[])?
+            .status
+            .success()
+    );
     ensure!(curl(lab.on_node(1, "curl")?, &url, &[])?.status.success());
-    let policy = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../policies/mesh-strict.yaml");
+    let policy =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../policies/mesh-strict.yaml");
     lab.cli_ok(2, &["policy", "apply", policy.to_str().context("path")?])?;
-    let (outcome, _) = probe(lab.on_node(1, fixture_bin()?)?, &format!("{}:8080", tracker.ip))?;
-    ensure!(outcome == "refused" || outcome == "reset", "STRICT call gave {outcome}");
+    let (outcome, _) = probe(
+        lab.on_node(1, fixture_bin()?)?,
+        &format!("{}:8080", tracker.ip),
+    )?;
+    ensure!(
+        outcome == "refused" || outcome == "reset",
+        "STRICT call gave {outcome}"
+    );
     std::thread::sleep(Duration::from_millis(300));
 
-    let first = rx.recv_timeout(Duration::from_secs(5)).context("--watch printed nothing")?;
+    let first = rx
+        .recv_timeout(Duration::from_secs(5))
+        .context("--watch printed nothing")?;
     let first: Value = serde_json::from_str(&first)?;
-    ensure!(first["security"] == "mutual_tls", "first watched record: {first}");
+    ensure!(
+        first["security"] == "mutual_tls",
+        "first watched record: {first}"
+    );
     let _ = watcher.kill();
     let _ = watcher.wait();
 
     let status = status_json(&lab, 2, &[])?;
     let records = status["records"].as_array().context("records")?;
-    ensure!(records.len() == 3, "expected exactly 3 records on node 2: {records:#?}");
+    ensure!(
+        records.len() == 3,
+        "expected exactly 3 records on node 2: {records:#?}"
+    );
     // Newest first: dropped, plaintext, mutual TLS.
     let (dropped, plaintext, mtls) = (&records[0], &records[1], &records[2]);
-    ensure!(mtls["security"] == "mutual_tls" && mtls["verdict"] == "allowed", "{mtls}");
-    ensure!(mtls["source_identity"] == "spiffe://cluster.local/ns/foo/sa/sleep", "{mtls}");
-    ensure!(mtls["destination_workload"]["name"] == "position-tracker", "{mtls}");
-    ensure!(plaintext["security"] == "plaintext" && plaintext["verdict"] == "allowed", "{plaintext}");
-    ensure!(plaintext["source_identity"].is_null(), "plaintext caller must be unknown: {plaintext}");
-    ensure!(plaintext["source"].as_str().unwrap_or("").starts_with("198.19.2.1:"), "caller's real address: {plaintext}");
-    ensure!(plaintext["reason"].as_str().unwrap_or("").contains("PERMISSIVE"), "{plaintext}");
-    ensure!(dropped["verdict"] == "dropped" && dropped["security"] == "plaintext", "{dropped}");
-    ensure!(dropped["destination"] == format!("{}:8080", tracker.ip), "{dropped}");
-    ensure!(dropped["reason"].as_str().unwrap_or("").contains("STRICT by istio-system/default"), "{dropped}");
+    ensure!(
+        mtls["security"] == "mutual_tls" && mtls["verdict"] == "allowed",
+        "{mtls}"
+    );
+    ensure!(
+        mtls["source_identity"] == "spiffe://cluster.local/ns/foo/sa/sleep",
+        "{mtls}"
+    );
+    ensure!(
+        mtls["destination_workload"]["name"] == "position-tracker",
+        "{mtls}"
+    );
+    ensure!(
+        plaintext["security"] == "plaintext" && plaintext["verdict"] == "allowed",
+        "{plaintext}"
+    );
+    ensure!(
+        plaintext["source_identity"].is_null(),
+        "plaintext caller must be unknown: {plaintext}"
+    );
+    let caller = format!("{}:", lab.node(1)?.underlay_ip);
+    ensure!(
+        plaintext["source"]
+            .as_str()
+            .unwrap_or("")
+            .starts_with(&caller),
+        "caller's real address: {plaintext}"
+    );
+    ensure!(
+        plaintext["reason"]
+            .as_str()
+            .unwrap_or("")
+            .contains("PERMISSIVE"),
+        "{plaintext}"
+    );
+    ensure!(
+        dropped["verdict"] == "dropped" && dropped["security"] == "plaintext",
+        "{dropped}"
+    );
+    ensure!(
+        dropped["destination"] == format!("{}:8080", tracker.ip),
+        "{dropped}"
+    );
+    ensure!(
+        dropped["reason"]
+            .as_str()
+            .unwrap_or("")
+            .contains("STRICT by istio-system/default"),
+        "{dropped}"
+    );
 
     // Filters.
     let count = |filters: &[&str]| -> anyhow::Result<usize> {
-        Ok(status_json(&lab, 2, filters)?["records"].as_array().map_or(0, Vec::len))
+        Ok(status_json(&lab, 2, filters)?["records"]
+            .as_array()
+            .map_or(0, Vec::len))
     };
     ensure!(count(&["--dropped"])? == 1);
     ensure!(count(&["--plaintext"])? == 2);
     ensure!(count(&["--workload", "position-tracker"])? == 3);
-    ensure!(count(&["--workload", "sleep"])? == 1, "sleep is the source of the mTLS record");
+    ensure!(
+        count(&["--workload", "sleep"])? == 1,
+        "sleep is the source of the mTLS record"
+    );
     ensure!(count(&["-n", "vehicles"])? == 3);
     ensure!(count(&["-n", "nowhere"])? == 0);
     ensure!(count(&["--since", "1h"])? == 3);
 
     // Totals and the table.
     let totals = &status["workloads"][0]["totals"];
-    ensure!(totals["mutual_tls"] == 1 && totals["plaintext"] == 1 && totals["dropped"] == 1, "{totals}");
+    ensure!(
+        totals["mutual_tls"] == 1 && totals["plaintext"] == 1 && totals["dropped"] == 1,
+        "{totals}"
+    );
     let table = lab.cli_ok(2, &["status"])?;
-    ensure!(table.contains("vehicles/position-tracker") && table.contains("dropped"), "{table}");
-    ensure!(!table.contains('\x1b'), "no colour when stdout is not a terminal");
+    ensure!(
+        table.contains("vehicles/position-tracker") && table.contains("dropped"),
+        "{table}"
+    );
+    ensure!(
+        !table.contains('\x1b'),
+        "no colour when stdout is not a terminal"
+    );
 
     // Metrics agree.
     let metrics = curl(
@@ -104,17 +177,36 @@ fn status_shows_mutual_tls_plaintext_and_dropped_and_metrics_agree() -> anyhow::
             .and_then(|v| v.parse().ok())
     };
     ensure!(
-        sample("istio_tcp_connections_opened_total", "connection_security_policy=\"mutual_tls\"") == Some(1.0),
+        sample(
+            "istio_tcp_connections_opened_total",
+            "connection_security_policy=\"mutual_tls\""
+        ) == Some(1.0),
         "{metrics}"
     );
     ensure!(
-        sample("istio_tcp_connections_opened_total", "connection_security_policy=\"unknown\"") == Some(1.0),
+        sample(
+            "istio_tcp_connections_opened_total",
+            "connection_security_policy=\"unknown\""
+        ) == Some(1.0),
         "{metrics}"
     );
-    ensure!(sample("interceptor_dropped_connections_total", "reason=\"plaintext_refused\"") == Some(1.0), "{metrics}");
-    ensure!(metrics.contains("source_principal=\"spiffe://cluster.local/ns/foo/sa/sleep\""), "{metrics}");
+    ensure!(
+        sample(
+            "interceptor_dropped_connections_total",
+            "reason=\"plaintext_refused\""
+        ) == Some(1.0),
+        "{metrics}"
+    );
+    ensure!(
+        metrics.contains("source_principal=\"spiffe://cluster.local/ns/foo/sa/sleep\""),
+        "{metrics}"
+    );
     ensure!(metrics.contains("reporter=\"destination\""), "{metrics}");
-    let ready = curl(lab.on_node(2, "curl")?, &format!("http://{}/healthz/ready", lab.node(2)?.metrics_addr), &[])?;
+    let ready = curl(
+        lab.on_node(2, "curl")?,
+        &format!("http://{}/healthz/ready", lab.node(2)?.metrics_addr),
+        &[],
+    )?;
     ensure!(String::from_utf8_lossy(&ready.stdout).trim() == "ready");
     Ok(())
 }
@@ -126,6 +218,9 @@ fn status_reports_a_clear_error_when_no_agent_runs() -> anyhow::Result<()> {
         .output()?;
     ensure!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
-    ensure!(stderr.contains("/nonexistent/admin.sock") && stderr.contains("interceptor agent"), "{stderr}");
+    ensure!(
+        stderr.contains("/nonexistent/admin.sock") && stderr.contains("interceptor agent"),
+        "{stderr}"
+    );
     Ok(())
 }

@@ -14,7 +14,9 @@ use super::protocol::{Request, Response};
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
     /// The socket could not be reached.
-    #[error("cannot reach the agent at {path} ({source}); is `interceptor agent` running? (--admin-socket or INTERCEPTOR_ADMIN_SOCKET picks the socket)")]
+    #[error(
+        "cannot reach the agent at {path} ({source}); is `interceptor agent` running? (--admin-socket or INTERCEPTOR_ADMIN_SOCKET picks the socket)"
+    )]
     Connect {
         /// Socket path.
         path: String,

@@ -6,7 +6,9 @@ use crate::{policy::PeerAuthentication, workloads::WorkloadSpec};
 
 /// A request from the CLI.
 #[derive(Clone, Debug, Serialize, Deserialize)]
-#[serde(tag = "request", rename_all = "snake_case")]
+// Externally tagged: internally tagged enums buffer their content, which loses integer map
+// keys such as portLevelMtls ports.
+#[serde(rename_all = "snake_case")]
 pub enum Request {
     /// Enroll a pod.
     WorkloadAdd {

@@ -51,7 +51,11 @@ async fn handle(stream: UnixStream, agent: Arc<Agent>) {
     let request: Request = match serde_json::from_str(&line) {
         Ok(request) => request,
         Err(e) => {
-            let _ = send(&mut write, &Response::Error(format!("bad admin request: {e}"))).await;
+            let _ = send(
+                &mut write,
+                &Response::Error(format!("bad admin request: {e}")),
+            )
+            .await;
             return;
         }
     };

@@ -10,14 +10,14 @@ use std::{
 };
 
 use aya::maps::{MapData, RingBuf};
-use interceptor_common::{EVENT_PLAINTEXT_CLOSE, EVENT_PLAINTEXT_OPEN, EVENT_STRICT_DROP, KernelEvent};
+use interceptor_common::{
+    EVENT_PLAINTEXT_CLOSE, EVENT_PLAINTEXT_OPEN, EVENT_STRICT_DROP, KernelEvent,
+};
 use tokio::io::unix::AsyncFd;
 use tracing::warn;
 
 use super::Agent;
-use crate::{
-    records::{Direction, NewConnection, Security, Verdict},
-};
+use crate::records::{Direction, NewConnection, Security, Verdict};
 
 /// Reads the ring buffer until the task is aborted.
 pub(super) async fn serve(events: RingBuf<MapData>, agent: Arc<Agent>) {
@@ -84,7 +84,10 @@ async fn record(agent: &Agent, event: &KernelEvent, open_plaintext: &mut HashMap
             records.refused_at(conn, Verdict::Dropped, reason, start);
         }
         EVENT_PLAINTEXT_OPEN => {
-            let id = records.open_with_reason(conn, format!("plaintext allowed: {}", super::describe_decision(&decision)));
+            let id = records.open_with_reason(
+                conn,
+                format!("plaintext allowed: {}", super::describe_decision(&decision)),
+            );
             open_plaintext.insert(event.sock_cookie, id);
         }
         EVENT_PLAINTEXT_CLOSE => {

@@ -79,8 +79,12 @@ impl Agent {
     /// Loads the kernel programs, restores saved workloads and serves until the process ends.
     pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
         let ca = Ca::load(&config.ca_dir).context("loading the mesh CA (--ca-dir)")?;
-        let mut kernel = Kernel::load(&config.bpf_dir, &config.pods_cgroup)
-            .with_context(|| format!("attaching to the pods cgroup {}", config.pods_cgroup.display()))?;
+        let mut kernel = Kernel::load(&config.bpf_dir, &config.pods_cgroup).with_context(|| {
+            format!(
+                "attaching to the pods cgroup {}",
+                config.pods_cgroup.display()
+            )
+        })?;
         let events = kernel.take_events()?;
         std::fs::create_dir_all(&config.state_dir)
             .with_context(|| format!("state directory {}", config.state_dir.display()))?;
@@ -136,13 +140,18 @@ impl Agent {
     pub async fn handle(&self, request: Request) -> Result<serde_json::Value, String> {
         let json = |value: serde_json::Result<serde_json::Value>| value.map_err(|e| e.to_string());
         match request {
-            Request::WorkloadAdd { spec } => json(serde_json::to_value(self.add_workload(spec).await?)),
+            Request::WorkloadAdd { spec } => {
+                json(serde_json::to_value(self.add_workload(spec).await?))
+            }
             Request::WorkloadRemove { namespace, name } => {
-                self.remove_workload(&WorkloadKey { namespace, name }).await?;
+                self.remove_workload(&WorkloadKey { namespace, name })
+                    .await?;
                 Ok(serde_json::Value::Null)
             }
             Request::WorkloadList => json(serde_json::to_value(self.list_workloads().await)),
-            Request::PolicyApply { policies } => json(serde_json::to_value(self.apply_policies(policies).await?)),
+            Request::PolicyApply { policies } => {
+                json(serde_json::to_value(self.apply_policies(policies).await?))
+            }
             Request::PolicyList => json(serde_json::to_value(self.policy_report().await)),
             Request::PolicyDelete { namespace, name } => {
                 self.delete_policy(&namespace, &name).await?;
@@ -173,7 +182,10 @@ impl Agent {
 
 async fn shutdown_signal() {
     use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
         warn!("cannot install signal handlers");
         return std::future::pending().await;
     };

@@ -100,12 +100,20 @@ impl Agent {
     pub(super) fn kernel_modes(&self, spec: &WorkloadSpec) -> Vec<(u16, u32)> {
         let effective = self.effective_policy(spec);
         std::iter::once((0, kernel_mode(&effective.default)))
-            .chain(effective.ports.iter().map(|(port, d)| (*port, kernel_mode(d))))
+            .chain(
+                effective
+                    .ports
+                    .iter()
+                    .map(|(port, d)| (*port, kernel_mode(d))),
+            )
             .collect()
     }
 
     /// Applies a batch, all or nothing.
-    pub async fn apply_policies(&self, batch: Vec<PeerAuthentication>) -> Result<PolicyReport, String> {
+    pub async fn apply_policies(
+        &self,
+        batch: Vec<PeerAuthentication>,
+    ) -> Result<PolicyReport, String> {
         {
             let mut state = self.policy.lock().map_err(|_| "policy lock poisoned")?;
             let mut applied = state.applied.clone();
@@ -113,7 +121,10 @@ impl Agent {
                 applied.retain(|p| (&p.namespace, &p.name) != (&object.namespace, &object.name));
             }
             // Validate the batch on its own first: duplicates inside it are an error.
-            state.active.with_applied(batch.clone()).map_err(|e| e.to_string())?;
+            state
+                .active
+                .with_applied(batch.clone())
+                .map_err(|e| e.to_string())?;
             applied.extend(batch);
             let active = combine(state.active.root_namespace(), &state.from_dir, &applied)
                 .map_err(|e| e.to_string())?;
@@ -135,7 +146,9 @@ impl Agent {
             applied.retain(|p| (p.namespace.as_str(), p.name.as_str()) != (namespace, name));
             from_dir.retain(|p| (p.namespace.as_str(), p.name.as_str()) != (namespace, name));
             if applied.len() + from_dir.len() == before {
-                return Err(format!("no policy {namespace}/{name}; `interceptor policy list` shows the active ones"));
+                return Err(format!(
+                    "no policy {namespace}/{name}; `interceptor policy list` shows the active ones"
+                ));
             }
             let active = combine(state.active.root_namespace(), &from_dir, &applied)
                 .map_err(|e| e.to_string())?;
@@ -170,7 +183,9 @@ impl Agent {
             return;
         };
         for running in workloads.values() {
-            if let Err(e) = kernel.replace_inbound_modes(running.ip, &self.kernel_modes(&running.spec)) {
+            if let Err(e) =
+                kernel.replace_inbound_modes(running.ip, &self.kernel_modes(&running.spec))
+            {
                 warn!(workload = %running.spec.key(), "updating kernel modes: {e}");
             }
         }
@@ -212,7 +227,10 @@ pub(super) async fn watch_policy_dir(agent: Arc<Agent>) {
         seen = now;
         let loaded = policy::load_paths(std::slice::from_ref(&dir));
         let changed = loaded.map_err(|e| e.to_string()).and_then(|from_dir| {
-            let mut state = agent.policy.lock().map_err(|_| "policy lock poisoned".to_owned())?;
+            let mut state = agent
+                .policy
+                .lock()
+                .map_err(|_| "policy lock poisoned".to_owned())?;
             let active = combine(state.active.root_namespace(), &from_dir, &state.applied)
                 .map_err(|e| e.to_string())?;
             state.from_dir = from_dir;
@@ -224,7 +242,9 @@ pub(super) async fn watch_policy_dir(agent: Arc<Agent>) {
                 info!(dir = %dir.display(), "policy directory reloaded");
                 agent.sync_kernel().await;
             }
-            Err(e) => warn!(dir = %dir.display(), "policy directory change refused, previous policy kept: {e}"),
+            Err(e) => {
+                warn!(dir = %dir.display(), "policy directory change refused, previous policy kept: {e}")
+            }
         }
     }
 }

@@ -62,7 +62,9 @@ impl Agent {
         let mut workloads = self.workloads.lock().await;
         let key = spec.key();
         if workloads.contains_key(&key) {
-            return Err(format!("workload {key} is already enrolled; remove it first"));
+            return Err(format!(
+                "workload {key} is already enrolled; remove it first"
+            ));
         }
         self.check_cgroup(&spec.cgroup)?;
         let running = self.start_workload(spec)?;
@@ -87,14 +89,22 @@ impl Agent {
 
     /// Enrolled workloads.
     pub async fn list_workloads(&self) -> Vec<WorkloadInfo> {
-        self.workloads.lock().await.values().map(RunningWorkload::info).collect()
+        self.workloads
+            .lock()
+            .await
+            .values()
+            .map(RunningWorkload::info)
+            .collect()
     }
 
     /// Re-enrolls the workloads saved by a previous run of the agent.
     pub(super) async fn restore_workloads(&self) {
         let specs: Vec<WorkloadSpec> = match std::fs::read(self.workloads_file()) {
             Ok(bytes) => serde_json::from_slice(&bytes).unwrap_or_else(|e| {
-                warn!("ignoring unreadable {}: {e}", self.workloads_file().display());
+                warn!(
+                    "ignoring unreadable {}: {e}",
+                    self.workloads_file().display()
+                );
                 Vec::new()
             }),
             Err(_) => Vec::new(),
@@ -119,8 +129,12 @@ impl Agent {
         let ip = netns
             .pod_ip()
             .map_err(|e| format!("finding the address of {key}: {e}"))?;
-        let identity = Identity::new(self.ca.trust_domain(), &spec.namespace, &spec.service_account)
-            .map_err(|e| e.to_string())?;
+        let identity = Identity::new(
+            self.ca.trust_domain(),
+            &spec.namespace,
+            &spec.service_account,
+        )
+        .map_err(|e| e.to_string())?;
         let cert = self
             .ca
             .issue(&identity, CERT_VALIDITY)
@@ -134,8 +148,9 @@ impl Agent {
             client_tls: tls::client_config(bundle, &cert).map_err(|e| e.to_string())?,
             server_tls: tls::server_config(bundle, &cert).map_err(|e| e.to_string())?,
         });
-        let tasks = proxy::start(pod, self.shared.clone())
-            .map_err(|e| format!("opening the agent's listeners in {key}'s network namespace: {e}"))?;
+        let tasks = proxy::start(pod, self.shared.clone()).map_err(|e| {
+            format!("opening the agent's listeners in {key}'s network namespace: {e}")
+        })?;
         let running = RunningWorkload {
             spec,
             ip,
@@ -158,14 +173,21 @@ impl Agent {
 
     fn program_kernel(&self, running: &RunningWorkload) -> Result<(), String> {
         let modes = self.kernel_modes(&running.spec);
-        let mut kernel = self.shared.kernel.lock().map_err(|_| "kernel lock poisoned")?;
+        let mut kernel = self
+            .shared
+            .kernel
+            .lock()
+            .map_err(|_| "kernel lock poisoned")?;
         let result = kernel
             .enroll(running.netns.cookie(), running.netns.path())
             .and_then(|()| kernel.replace_inbound_modes(running.ip, &modes));
         if let Err(e) = result {
             let _ = kernel.unenroll(running.netns.cookie());
             let _ = kernel.replace_inbound_modes(running.ip, &[]);
-            return Err(format!("programming the kernel for {}: {e}", running.spec.key()));
+            return Err(format!(
+                "programming the kernel for {}: {e}",
+                running.spec.key()
+            ));
         }
         Ok(())
     }

@@ -107,7 +107,11 @@ fn print_report(report: &PolicyReport) {
             (None, true) => "mesh".to_owned(),
             (None, false) => "namespace".to_owned(),
         };
-        let ports: Vec<String> = p.port_level.iter().map(|(port, mode)| format!("{port}:{mode:?}")).collect();
+        let ports: Vec<String> = p
+            .port_level
+            .iter()
+            .map(|(port, mode)| format!("{port}:{mode:?}"))
+            .collect();
         println!(
             "  {:<40} {:<28} {:<11} {}",
             format!("{}/{}", p.namespace, p.name),
@@ -118,9 +122,16 @@ fn print_report(report: &PolicyReport) {
     }
     println!("\nEFFECTIVE MODES");
     for (workload, effective) in &report.workloads {
-        println!("  {workload:<40} default {}", crate::agent::describe_decision(&effective.default));
+        println!(
+            "  {workload:<40} default {}",
+            crate::agent::describe_decision(&effective.default)
+        );
         for (port, decision) in &effective.ports {
-            println!("  {:<40} port {port:<5} {}", "", crate::agent::describe_decision(decision));
+            println!(
+                "  {:<40} port {port:<5} {}",
+                "",
+                crate::agent::describe_decision(decision)
+            );
         }
     }
 }

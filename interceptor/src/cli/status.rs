@@ -54,15 +54,19 @@ fn parse_duration(text: &str) -> Result<Duration, String> {
     let (number, unit) = text
         .find(|c: char| !c.is_ascii_digit())
         .map_or((text, "s"), |i| text.split_at(i));
-    let value: u64 = number
-        .parse()
-        .map_err(|_| format!("duration {text:?} must be a number with an optional unit s, m, h or d"))?;
+    let value: u64 = number.parse().map_err(|_| {
+        format!("duration {text:?} must be a number with an optional unit s, m, h or d")
+    })?;
     let seconds = match unit {
         "s" => 1,
         "m" => 60,
         "h" => 3600,
         "d" => 86_400,
-        other => return Err(format!("duration {text:?} has unknown unit {other:?}; use s, m, h or d")),
+        other => {
+            return Err(format!(
+                "duration {text:?} has unknown unit {other:?}; use s, m, h or d"
+            ));
+        }
     };
     Ok(Duration::from_secs(value * seconds))
 }
@@ -83,9 +87,9 @@ impl Filter {
             plaintext: args.plaintext,
             workload: args.workload.clone(),
             namespace: args.namespace.clone(),
-            since_unix_ms: args
-                .since
-                .map(|d| unix_ms(std::time::SystemTime::now()).saturating_sub(d.as_millis() as u64)),
+            since_unix_ms: args.since.map(|d| {
+                unix_ms(std::time::SystemTime::now()).saturating_sub(d.as_millis() as u64)
+            }),
         }
     }
 
@@ -95,12 +99,18 @@ impl Filter {
         (!self.dropped || record.verdict == Verdict::Dropped)
             && (!self.plaintext || record.security == Security::Plaintext)
             && self.workload.as_ref().is_none_or(|name| {
-                workloads.iter().any(|w| w.as_ref().is_some_and(|w| &w.name == name))
+                workloads
+                    .iter()
+                    .any(|w| w.as_ref().is_some_and(|w| &w.name == name))
             })
             && self.namespace.as_ref().is_none_or(|ns| {
-                workloads.iter().any(|w| w.as_ref().is_some_and(|w| &w.namespace == ns))
+                workloads
+                    .iter()
+                    .any(|w| w.as_ref().is_some_and(|w| &w.namespace == ns))
             })
-            && self.since_unix_ms.is_none_or(|since| record.start_unix_ms >= since)
+            && self
+                .since_unix_ms
+                .is_none_or(|since| record.start_unix_ms >= since)
     }
 }
 
@@ -112,19 +122,25 @@ pub fn run(args: StatusArgs) -> anyhow::Result<()> {
         if args.output == Output::Table {
             println!("{}", render::record_header());
         }
-        client::stream(&args.admin.path, &Request::Watch, |record: ConnectionRecord| {
-            if filter.matches(&record) {
-                let line = match args.output {
-                    Output::Json => serde_json::to_string(&record).map_err(std::io::Error::other)?,
-                    Output::Table => render::record_row(&record, colour),
-                };
-                use std::io::Write;
-                let mut out = std::io::stdout().lock();
-                writeln!(out, "{line}")?;
-                out.flush()?;
-            }
-            Ok(())
-        })?;
+        client::stream(
+            &args.admin.path,
+            &Request::Watch,
+            |record: ConnectionRecord| {
+                if filter.matches(&record) {
+                    let line = match args.output {
+                        Output::Json => {
+                            serde_json::to_string(&record).map_err(std::io::Error::other)?
+                        }
+                        Output::Table => render::record_row(&record, colour),
+                    };
+                    use std::io::Write;
+                    let mut out = std::io::stdout().lock();
+                    writeln!(out, "{line}")?;
+                    out.flush()?;
+                }
+                Ok(())
+            },
+        )?;
         return Ok(());
     }
     let mut report: StatusReport = client::call(&args.admin.path, &Request::Status)?;

@@ -89,14 +89,23 @@ pub fn run(command: WorkloadCommand) -> anyhow::Result<()> {
                 netns,
             };
             let info: WorkloadInfo = client::call(&admin.path, &Request::WorkloadAdd { spec })?;
-            println!("enrolled {}/{} at {} as {}", info.spec.namespace, info.spec.name, info.ip, info.identity);
+            println!(
+                "enrolled {}/{} at {} as {}",
+                info.spec.namespace, info.spec.name, info.ip, info.identity
+            );
         }
         WorkloadCommand::Remove {
             name,
             namespace,
             admin,
         } => {
-            let () = client::call(&admin.path, &Request::WorkloadRemove { namespace: namespace.clone(), name: name.clone() })?;
+            let () = client::call(
+                &admin.path,
+                &Request::WorkloadRemove {
+                    namespace: namespace.clone(),
+                    name: name.clone(),
+                },
+            )?;
             println!("removed {namespace}/{name}");
         }
         WorkloadCommand::List { json, admin } => {

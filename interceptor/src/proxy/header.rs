@@ -72,13 +72,19 @@ pub async fn read_request<S: AsyncRead + Unpin>(stream: &mut S) -> io::Result<u1
     }
     let port = u16::from_be_bytes([request[4], request[5]]);
     if port == 0 {
-        return Err(io::Error::new(io::ErrorKind::InvalidData, "tunnel request for port 0"));
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            "tunnel request for port 0",
+        ));
     }
     Ok(port)
 }
 
 /// Writes the server's status.
-pub async fn write_status<S: AsyncWrite + Unpin>(stream: &mut S, status: TunnelStatus) -> io::Result<()> {
+pub async fn write_status<S: AsyncWrite + Unpin>(
+    stream: &mut S,
+    status: TunnelStatus,
+) -> io::Result<()> {
     stream.write_all(&[status as u8]).await?;
     stream.flush().await
 }

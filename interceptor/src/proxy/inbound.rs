@@ -55,9 +55,11 @@ async fn handle(stream: TcpStream, peer: SocketAddr, pod: Arc<PodProxy>, shared:
         Ok(accepted) => accepted,
         Err(e) => {
             debug!(workload = %pod.workload, %peer, "tunnel handshake refused: {e}");
-            shared
-                .records
-                .refused(conn, Verdict::Dropped, format!("mutual TLS handshake refused: {e}"));
+            shared.records.refused(
+                conn,
+                Verdict::Dropped,
+                format!("mutual TLS handshake refused: {e}"),
+            );
             return;
         }
     };
@@ -78,7 +80,11 @@ async fn handle(stream: TcpStream, peer: SocketAddr, pod: Arc<PodProxy>, shared:
         }
     };
     conn.destination = SocketAddr::V4(SocketAddrV4::new(pod.ip, port));
-    let mut app = match pod.netns.connect(SocketAddrV4::new(Ipv4Addr::LOCALHOST, port)).await {
+    let mut app = match pod
+        .netns
+        .connect(SocketAddrV4::new(Ipv4Addr::LOCALHOST, port))
+        .await
+    {
         Ok(app) => app,
         Err(e) => {
             let status = if e.kind() == std::io::ErrorKind::ConnectionRefused {

@@ -60,7 +60,11 @@ pub fn start(pod: Arc<PodProxy>, shared: Arc<ProxyShared>) -> std::io::Result<Ve
         .listen(SocketAddrV4::new(Ipv4Addr::LOCALHOST, OUTBOUND_PORT))?;
     let tunnel_listener = pod.netns.listen(SocketAddrV4::new(pod.ip, TUNNEL_PORT))?;
     Ok(vec![
-        tokio::spawn(outbound::serve(outbound_listener, pod.clone(), shared.clone())),
+        tokio::spawn(outbound::serve(
+            outbound_listener,
+            pod.clone(),
+            shared.clone(),
+        )),
         tokio::spawn(inbound::serve(tunnel_listener, pod, shared)),
     ])
 }

@@ -41,7 +41,12 @@ pub async fn serve(listener: TcpListener, pod: Arc<PodProxy>, shared: Arc<ProxyS
     }
 }
 
-async fn handle(mut client: TcpStream, peer: SocketAddr, pod: Arc<PodProxy>, shared: Arc<ProxyShared>) {
+async fn handle(
+    mut client: TcpStream,
+    peer: SocketAddr,
+    pod: Arc<PodProxy>,
+    shared: Arc<ProxyShared>,
+) {
     let original = shared
         .kernel
         .lock()
@@ -132,9 +137,11 @@ async fn plaintext(
     let mut upstream = match pod.netns.connect(destination).await {
         Ok(upstream) => upstream,
         Err(e) => {
-            shared
-                .records
-                .refused(conn, Verdict::Failed, format!("destination outside the mesh: {e}"));
+            shared.records.refused(
+                conn,
+                Verdict::Failed,
+                format!("destination outside the mesh: {e}"),
+            );
             relay::reset(client);
             return;
         }
@@ -184,4 +191,3 @@ fn new_connection(
         security,
     }
 }
-

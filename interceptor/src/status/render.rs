@@ -51,8 +51,18 @@ pub fn report(report: &StatusReport, colour: bool) -> String {
 pub fn record_header() -> String {
     format!(
         "{:<12} {:<3} {:<21} {:<44} {:<21} {:<24} {:<12} {:<8} {:>9} {:>9} {:>8} {:<6} REASON",
-        "TIME", "DIR", "SOURCE", "SOURCE IDENTITY", "DESTINATION", "DESTINATION WORKLOAD",
-        "SECURITY", "VERDICT", "SENT", "RECEIVED", "DURATION", "STATE"
+        "TIME",
+        "DIR",
+        "SOURCE",
+        "SOURCE IDENTITY",
+        "DESTINATION",
+        "DESTINATION WORKLOAD",
+        "SECURITY",
+        "VERDICT",
+        "SENT",
+        "RECEIVED",
+        "DURATION",
+        "STATE"
     )
 }
 
@@ -131,7 +141,12 @@ fn bytes(n: u64) -> String {
 fn clock(unix_ms: u64) -> String {
     let ms = unix_ms % 1000;
     let secs = unix_ms / 1000;
-    format!("{:02}:{:02}:{:02}.{ms:03}", secs / 3600 % 24, secs / 60 % 60, secs % 60)
+    format!(
+        "{:02}:{:02}:{:02}.{ms:03}",
+        secs / 3600 % 24,
+        secs / 60 % 60,
+        secs % 60
+    )
 }
 
 #[cfg(test)]

@@ -26,7 +26,9 @@ fn main() -> anyhow::Result<()> {
     println!("{}", lab.cli_ok(2, &["workload", "list"])?);
     let url = format!("http://{}:8080/vehicles/", tracker.ip);
 
-    banner("1. The meshed sleep pod calls the tracker: app -> agent 1 -> mutual TLS -> agent 2 -> app");
+    banner(
+        "1. The meshed sleep pod calls the tracker: app -> agent 1 -> mutual TLS -> agent 2 -> app",
+    );
     call(&lab, Caller::Pod(&sleep), &url)?;
     show_status(&lab, 1)?;
 
@@ -36,7 +38,13 @@ fn main() -> anyhow::Result<()> {
 
     banner("3. interceptor policy apply policies/mesh-strict.yaml: plaintext is refused");
     println!("{}", std::fs::read_to_string(&policy_file)?);
-    println!("{}", lab.cli_ok(2, &["policy", "apply", policy_file.to_str().context("path")?])?);
+    println!(
+        "{}",
+        lab.cli_ok(
+            2,
+            &["policy", "apply", policy_file.to_str().context("path")?]
+        )?
+    );
     println!("{}", lab.cli_ok(2, &["policy", "list"])?);
     call(&lab, Caller::Outside, &url)?;
     println!("...while the meshed pod still gets through over mutual TLS:");
@@ -44,7 +52,10 @@ fn main() -> anyhow::Result<()> {
     show_status(&lab, 2)?;
 
     banner("4. interceptor policy delete default -n istio-system: back to PERMISSIVE");
-    println!("{}", lab.cli_ok(2, &["policy", "delete", "default", "-n", "istio-system"])?);
+    println!(
+        "{}",
+        lab.cli_ok(2, &["policy", "delete", "default", "-n", "istio-system"])?
+    );
     call(&lab, Caller::Outside, &url)?;
     show_status(&lab, 2)?;
 
@@ -59,15 +70,28 @@ enum Caller<'a> {
 
 fn call(lab: &Lab, caller: Caller<'_>, url: &str) -> anyhow::Result<()> {
     let (mut command, who) = match caller {
-        Caller::Pod(pod) => (lab.in_pod(pod, "curl")?, format!("pod {}/{}", pod.namespace, pod.name)),
-        Caller::Outside => (lab.on_node(1, "curl")?, "node-1, outside the mesh".to_owned()),
+        Caller::Pod(pod) => (
+            lab.in_pod(pod, "curl")?,
+            format!("pod {}/{}", pod.namespace, pod.name),
+        ),
+        Caller::Outside => (
+            lab.on_node(1, "curl")?,
+            "node-1, outside the mesh".to_owned(),
+        ),
     };
     println!("$ curl {url}    # from {who}");
     let started = Instant::now();
-    let out = command.args(["-sS", "--max-time", "10", url]).stdin(Stdio::null()).output()?;
+    let out = command
+        .args(["-sS", "--max-time", "10", url])
+        .stdin(Stdio::null())
+        .output()?;
     print!("{}", String::from_utf8_lossy(&out.stdout));
     print!("{}", String::from_utf8_lossy(&out.stderr));
-    println!("  [{} in {} ms]\n", if out.status.success() { "ok" } else { "failed" }, started.elapsed().as_millis());
+    println!(
+        "  [{} in {} ms]\n",
+        if out.status.success() { "ok" } else { "failed" },
+        started.elapsed().as_millis()
+    );
     Ok(())
 }
 
@@ -80,4 +104,3 @@ fn show_status(lab: &Lab, node: u8) -> anyhow::Result<()> {
 fn banner(text: &str) {
     println!("\n=== {text} ===\n");
 }
-

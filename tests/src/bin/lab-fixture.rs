@@ -81,7 +81,10 @@ fn main() -> anyhow::Result<()> {
             seed,
             pause_ms,
         } => {
-            print!("{}", send(to, bytes, seed, Duration::from_millis(pause_ms))?);
+            print!(
+                "{}",
+                send(to, bytes, seed, Duration::from_millis(pause_ms))?
+            );
             Ok(())
         }
         Fixture::Many {
@@ -124,10 +127,10 @@ fn http(stream: TcpStream) -> io::Result<()> {
         if reader.read_line(&mut header)? == 0 || header == "\r\n" {
             break;
         }
-        if let Some((name, value)) = header.split_once(':') {
-            if name.eq_ignore_ascii_case("content-length") {
-                content_length = value.trim().parse().unwrap_or(0);
-            }
+        if let Some((name, value)) = header.split_once(':')
+            && name.eq_ignore_ascii_case("content-length")
+        {
+            content_length = value.trim().parse().unwrap_or(0);
         }
     }
     let served = REQUESTS.fetch_add(1, Ordering::SeqCst) + 1;
@@ -159,7 +162,10 @@ fn http(stream: TcpStream) -> io::Result<()> {
         }
         ("GET", path) if path.starts_with("/download/") => {
             let len: u64 = path["/download/".len()..].parse().unwrap_or(0);
-            write!(out, "HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\nContent-Length: {len}\r\nConnection: close\r\n\r\n")?;
+            write!(
+                out,
+                "HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\nContent-Length: {len}\r\nConnection: close\r\n\r\n"
+            )?;
             let mut buf = vec![0u8; 256 * 1024];
             let mut offset = 0;
             while offset < len {
@@ -170,9 +176,8 @@ fn http(stream: TcpStream) -> io::Result<()> {
             }
             Ok(())
         }
-        _ => {
-            out.write_all(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
-        }
+        _ => out
+            .write_all(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"),
     }
 }
 
@@ -232,25 +237,36 @@ fn many(to: SocketAddr, connections: u64, bytes: u64) -> anyhow::Result<()> {
         .map(|i| {
             std::thread::spawn(move || -> Result<(), String> {
                 let seed = 1000 + i;
-                let answer = send(to, bytes, seed, Duration::ZERO).map_err(|e| format!("connection {i}: {e}"))?;
+                let answer = send(to, bytes, seed, Duration::ZERO)
+                    .map_err(|e| format!("connection {i}: {e}"))?;
                 let expected = format!("{bytes} {}\n", pattern::sha256_hex(seed, bytes));
                 if answer == expected {
                     Ok(())
                 } else {
-                    Err(format!("connection {i}: answer {answer:?}, expected {expected:?}"))
+                    Err(format!(
+                        "connection {i}: answer {answer:?}, expected {expected:?}"
+                    ))
                 }
             })
         })
         .collect();
     let failures: Vec<String> = handles
         .into_iter()
-        .filter_map(|h| h.join().unwrap_or_else(|_| Err("thread panicked".into())).err())
+        .filter_map(|h| {
+            h.join()
+                .unwrap_or_else(|_| Err("thread panicked".into()))
+                .err()
+        })
         .collect();
     if failures.is_empty() {
         println!("ok {connections}");
         Ok(())
     } else {
-        anyhow::bail!("{} of {connections} failed: {}", failures.len(), failures.join("; "))
+        anyhow::bail!(
+            "{} of {connections} failed: {}",
+            failures.len(),
+            failures.join("; ")
+        )
     }
 }
 
