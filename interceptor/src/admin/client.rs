@@ -62,9 +62,9 @@ pub fn stream<T: DeserializeOwned>(
 }
 
 fn send(socket: &Path, request: &Request) -> Result<BufReader<UnixStream>, ClientError> {
-    let mut stream = UnixStream::connect(socket).map_err(|source| ClientError::Connect {
+    let mut stream = UnixStream::connect(socket).map_err(|cause| ClientError::Connect {
         path: socket.display().to_string(),
-        source,
+        cause,
     })?;
     let mut body = serde_json::to_vec(request)?;
     body.push(b'\n');
