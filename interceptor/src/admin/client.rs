@@ -15,13 +15,13 @@ use super::protocol::{Request, Response};
 pub enum ClientError {
     /// The socket could not be reached.
     #[error(
-        "cannot reach the agent at {path} ({source}); is `interceptor agent` running? (--admin-socket or INTERCEPTOR_ADMIN_SOCKET picks the socket)"
+        "cannot reach the agent at {path} ({cause}); is `interceptor agent` running? (--admin-socket or INTERCEPTOR_ADMIN_SOCKET picks the socket)"
     )]
     Connect {
         /// Socket path.
         path: String,
-        /// Cause.
-        source: std::io::Error,
+        /// Cause, part of the message rather than a source so it is printed once.
+        cause: std::io::Error,
     },
     /// The conversation broke.
     #[error("admin socket: {0}")]
