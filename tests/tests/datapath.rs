@@ -465,3 +465,60 @@ fn count_tls_records(capture: &std::path::Path) -> anyhow::Result<usize> {
     );
     Ok(String::from_utf8_lossy(&out.stdout).lines().count())
 }
+
+#[test]
+fn garbage_on_the_tunnel_port_and_admin_socket_changes_nothing() -> anyhow::Result<()> {
+    let (lab, client, server) = two_node_lab()?;
+    // Plaintext HTTP and random bytes at the tunnel port, from outside the mesh.
+    for payload in [
+        "GET / HTTP/1.1\r\nHost: x\r\n\r\n",
+        "\u{16}\u{3}\u{1}\u{2}\u{5}garbage",
+    ] {
+        let out = lab
+            .on_node(1, "bash")?
+            .args([
+                "-c",
+                &format!(
+                    "printf '%s' \"$0\" | timeout 5 socat -t 2 - TCP:{}:15008",
+                    server.ip
+                ),
+                payload,
+            ])
+            .output()?;
+        ensure!(
+            !String::from_utf8_lossy(&out.stdout).contains("Vehicle"),
+            "the tunnel port answered plaintext"
+        );
+    }
+    // Garbage on the admin socket gets an error answer.
+    let socket = lab.node(2)?.admin_socket.clone();
+    let out = Command::new("bash")
+        .args([
+            "-c",
+            &format!(
+                "printf 'not json\\n' | socat -t 2 - UNIX-CONNECT:{}",
+                socket.display()
+            ),
+        ])
+        .output()?;
+    ensure!(
+        String::from_utf8_lossy(&out.stdout).contains("bad admin request"),
+        "admin socket answer: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    // The agent is still serving the mesh and recorded the refused handshakes.
+    let body = curl(
+        lab.in_pod(&client, "curl")?,
+        &format!("http://{}:{HTTP_PORT}/vehicles/", server.ip),
+        &[],
+    )?;
+    ensure!(String::from_utf8_lossy(&body.stdout).contains("Vehicle 1"));
+    let refused = records(&lab, 2)?
+        .iter()
+        .filter(|r| {
+            r["verdict"] == "dropped" && r["reason"].as_str().unwrap_or("").contains("handshake")
+        })
+        .count();
+    ensure!(refused == 2, "expected 2 refused handshakes, saw {refused}");
+    Ok(())
+}
