@@ -80,6 +80,31 @@ pub struct KernelCounters {
     pub plaintext_accepted: u64,
 }
 
+/// Loads a cgroup program and, unless a previous agent's pinned link is still there, attaches
+/// it to the pods' cgroup and pins the link. A macro because aya's cgroup program types share
+/// these methods without sharing a trait.
+macro_rules! attach_to_cgroup {
+    ($bpf:expr, $program:ty, $name:expr, $cgroup:expr, $pin:expr) => {{
+        let pin: &Path = $pin;
+        let prog = program::<$program>($bpf, $name)?;
+        let err = |source| EbpfError::Program {
+            name: $name,
+            source,
+        };
+        prog.load().map_err(err)?;
+        if pin.exists() {
+            Ok(())
+        } else {
+            // bpf_link attachments to a cgroup always stack; "Single" means no legacy flags.
+            let id = prog
+                .attach($cgroup, CgroupAttachMode::Single)
+                .map_err(err)?;
+            let link = prog.take_link(id).map_err(err)?;
+            pin_link(FdLink::try_from(link).map_err(|e| pin_error(pin, e))?, pin)
+        }
+    }};
+}
+
 /// The loaded programs and the maps the agent uses.
 pub struct Kernel {
     bpf: Ebpf,
@@ -109,8 +134,20 @@ impl Kernel {
             path: pods_cgroup.to_owned(),
             source,
         })?;
-        attach_connect4(&mut bpf, &cgroup, &links_dir)?;
-        attach_sock_ops(&mut bpf, &cgroup, &links_dir)?;
+        attach_to_cgroup!(
+            &mut bpf,
+            CgroupSockAddr,
+            CONNECT4,
+            &cgroup,
+            &links_dir.join("connect4")
+        )?;
+        attach_to_cgroup!(
+            &mut bpf,
+            SockOps,
+            SOCK_OPS,
+            &cgroup,
+            &links_dir.join("sock_ops")
+        )?;
         program::<SkLookup>(&mut bpf, POD_DOOR)?
             .load()
             .map_err(|source| EbpfError::Program {
@@ -249,46 +286,6 @@ fn inbound_key(ip: Ipv4Addr, port: u16) -> InboundKey {
         port,
         _pad: 0,
     }
-}
-
-fn attach_connect4(bpf: &mut Ebpf, cgroup: &File, links_dir: &Path) -> Result<(), EbpfError> {
-    let pin = links_dir.join("connect4");
-    let prog = program::<CgroupSockAddr>(bpf, CONNECT4)?;
-    let err = |source| EbpfError::Program {
-        name: CONNECT4,
-        source,
-    };
-    prog.load().map_err(err)?;
-    if pin.exists() {
-        return Ok(());
-    }
-    // bpf_link attachments to a cgroup always stack; "Single" means no legacy flags.
-    let id = prog.attach(cgroup, CgroupAttachMode::Single).map_err(err)?;
-    let link = prog.take_link(id).map_err(err)?;
-    pin_link(
-        FdLink::try_from(link).map_err(|e| pin_error(&pin, e))?,
-        &pin,
-    )
-}
-
-fn attach_sock_ops(bpf: &mut Ebpf, cgroup: &File, links_dir: &Path) -> Result<(), EbpfError> {
-    let pin = links_dir.join("sock_ops");
-    let prog = program::<SockOps>(bpf, SOCK_OPS)?;
-    let err = |source| EbpfError::Program {
-        name: SOCK_OPS,
-        source,
-    };
-    prog.load().map_err(err)?;
-    if pin.exists() {
-        return Ok(());
-    }
-    // bpf_link attachments to a cgroup always stack; "Single" means no legacy flags.
-    let id = prog.attach(cgroup, CgroupAttachMode::Single).map_err(err)?;
-    let link = prog.take_link(id).map_err(err)?;
-    pin_link(
-        FdLink::try_from(link).map_err(|e| pin_error(&pin, e))?,
-        &pin,
-    )
 }
 
 fn pin_link(link: FdLink, path: &Path) -> Result<(), EbpfError> {

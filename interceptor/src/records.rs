@@ -48,13 +48,9 @@ pub enum Verdict {
     Failed,
 }
 
-/// One connection. This is the `status --output json` schema (see ARCHITECTURE.md).
+/// Who connected to what, and how: the part of a record known when the connection starts.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ConnectionRecord {
-    /// Unique per agent run, increasing.
-    pub id: u64,
-    /// Start time, milliseconds since the Unix epoch.
-    pub start_unix_ms: u64,
+pub struct Connection {
     /// Inbound or outbound, from the enrolled pod's point of view.
     pub direction: Direction,
     /// Caller address.
@@ -71,6 +67,18 @@ pub struct ConnectionRecord {
     pub destination_workload: Option<WorkloadKey>,
     /// mutual_tls or plaintext.
     pub security: Security,
+}
+
+/// One connection. This is the `status --output json` schema (see ARCHITECTURE.md).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConnectionRecord {
+    /// Unique per agent run, increasing.
+    pub id: u64,
+    /// Start time, milliseconds since the Unix epoch.
+    pub start_unix_ms: u64,
+    /// Who, to what, how; flattened into the record's JSON.
+    #[serde(flatten)]
+    pub connection: Connection,
     /// allowed, dropped or failed.
     pub verdict: Verdict,
     /// Why it was dropped or failed, or which policy allowed plaintext.
@@ -100,27 +108,6 @@ pub struct WorkloadTotals {
     pub bytes_sent: u64,
     /// Bytes received by callers.
     pub bytes_received: u64,
-}
-
-/// A new connection, before it has an id.
-#[derive(Clone, Debug)]
-pub struct NewConnection {
-    /// See [`ConnectionRecord::direction`].
-    pub direction: Direction,
-    /// See [`ConnectionRecord::source`].
-    pub source: SocketAddr,
-    /// See [`ConnectionRecord::source_identity`].
-    pub source_identity: Option<String>,
-    /// See [`ConnectionRecord::source_workload`].
-    pub source_workload: Option<WorkloadKey>,
-    /// See [`ConnectionRecord::destination`].
-    pub destination: SocketAddr,
-    /// See [`ConnectionRecord::destination_identity`].
-    pub destination_identity: Option<String>,
-    /// See [`ConnectionRecord::destination_workload`].
-    pub destination_workload: Option<WorkloadKey>,
-    /// See [`ConnectionRecord::security`].
-    pub security: Security,
 }
 
 /// Istio's standard TCP metric labels for one edge of the graph.
@@ -209,12 +196,12 @@ impl RecordStore {
     }
 
     /// Records a connection that is now open; returns its id for [`RecordStore::close`].
-    pub fn open(&self, conn: NewConnection) -> u64 {
+    pub fn open(&self, conn: Connection) -> u64 {
         self.insert(conn, Verdict::Allowed, None, true, SystemTime::now())
     }
 
     /// Like [`RecordStore::open`], with the reason it was allowed (plaintext under a policy).
-    pub fn open_with_reason(&self, conn: NewConnection, reason: String) -> u64 {
+    pub fn open_with_reason(&self, conn: Connection, reason: String) -> u64 {
         self.insert(
             conn,
             Verdict::Allowed,
@@ -225,7 +212,7 @@ impl RecordStore {
     }
 
     /// Records a connection that ended before it carried data (dropped or failed).
-    pub fn refused(&self, conn: NewConnection, verdict: Verdict, reason: String) -> u64 {
+    pub fn refused(&self, conn: Connection, verdict: Verdict, reason: String) -> u64 {
         self.refused_at(conn, verdict, reason, SystemTime::now())
     }
 
@@ -233,7 +220,7 @@ impl RecordStore {
     /// read after the agent was down).
     pub fn refused_at(
         &self,
-        conn: NewConnection,
+        conn: Connection,
         verdict: Verdict,
         reason: String,
         start: SystemTime,
@@ -306,7 +293,7 @@ impl RecordStore {
 
     fn insert(
         &self,
-        conn: NewConnection,
+        conn: Connection,
         verdict: Verdict,
         reason: Option<String>,
         open: bool,
@@ -318,14 +305,7 @@ impl RecordStore {
         let record = ConnectionRecord {
             id,
             start_unix_ms: unix_ms(start),
-            direction: conn.direction,
-            source: conn.source,
-            source_identity: conn.source_identity,
-            source_workload: conn.source_workload,
-            destination: conn.destination,
-            destination_identity: conn.destination_identity,
-            destination_workload: conn.destination_workload,
-            security: conn.security,
+            connection: conn,
             verdict,
             reason,
             bytes_sent: 0,
@@ -335,7 +315,7 @@ impl RecordStore {
         };
         if let Some(key) = own_workload(&record) {
             let totals = inner.totals.entry(key).or_default();
-            match (verdict, record.security) {
+            match (verdict, record.connection.security) {
                 (Verdict::Dropped, _) => totals.dropped += 1,
                 (Verdict::Failed, _) => totals.failed += 1,
                 (Verdict::Allowed, Security::MutualTls) => totals.mutual_tls += 1,
@@ -374,9 +354,9 @@ impl RecordStore {
 /// The record's own workload on this node: the destination of inbound connections, the source
 /// of outbound ones.
 fn own_workload(record: &ConnectionRecord) -> Option<WorkloadKey> {
-    match record.direction {
-        Direction::Inbound => record.destination_workload.clone(),
-        Direction::Outbound => record.source_workload.clone(),
+    match record.connection.direction {
+        Direction::Inbound => record.connection.destination_workload.clone(),
+        Direction::Outbound => record.connection.source_workload.clone(),
     }
 }
 
@@ -385,17 +365,25 @@ fn edge_labels(record: &ConnectionRecord) -> EdgeLabels {
     let namespace =
         |w: &Option<WorkloadKey>| w.as_ref().map_or_else(unknown, |w| w.namespace.clone());
     EdgeLabels {
-        reporter: match record.direction {
+        reporter: match record.connection.direction {
             Direction::Inbound => "destination",
             Direction::Outbound => "source",
         },
-        source_workload: name(&record.source_workload),
-        source_workload_namespace: namespace(&record.source_workload),
-        source_principal: record.source_identity.clone().unwrap_or_else(unknown),
-        destination_workload: name(&record.destination_workload),
-        destination_workload_namespace: namespace(&record.destination_workload),
-        destination_principal: record.destination_identity.clone().unwrap_or_else(unknown),
-        connection_security_policy: match record.security {
+        source_workload: name(&record.connection.source_workload),
+        source_workload_namespace: namespace(&record.connection.source_workload),
+        source_principal: record
+            .connection
+            .source_identity
+            .clone()
+            .unwrap_or_else(unknown),
+        destination_workload: name(&record.connection.destination_workload),
+        destination_workload_namespace: namespace(&record.connection.destination_workload),
+        destination_principal: record
+            .connection
+            .destination_identity
+            .clone()
+            .unwrap_or_else(unknown),
+        connection_security_policy: match record.connection.security {
             Security::MutualTls => "mutual_tls",
             Security::Plaintext => "unknown",
         },
@@ -403,21 +391,16 @@ fn edge_labels(record: &ConnectionRecord) -> EdgeLabels {
 }
 
 fn drop_labels(record: &ConnectionRecord) -> DropLabels {
-    let reason = match (record.verdict, record.security) {
+    let reason = match (record.verdict, record.connection.security) {
         (Verdict::Dropped, Security::Plaintext) => "plaintext_refused",
         (Verdict::Dropped, Security::MutualTls) => "handshake_refused",
         _ => "failed",
     };
+    let destination = record.connection.destination_workload.as_ref();
     DropLabels {
         reason,
-        destination_workload: record
-            .destination_workload
-            .as_ref()
-            .map_or_else(unknown, |w| w.name.clone()),
-        destination_workload_namespace: record
-            .destination_workload
-            .as_ref()
-            .map_or_else(unknown, |w| w.namespace.clone()),
+        destination_workload: destination.map_or_else(unknown, |w| w.name.clone()),
+        destination_workload_namespace: destination.map_or_else(unknown, |w| w.namespace.clone()),
     }
 }
 
@@ -443,8 +426,8 @@ pub fn unix_ms(time: SystemTime) -> u64 {
 mod tests {
     use super::*;
 
-    fn conn() -> NewConnection {
-        NewConnection {
+    fn conn() -> Connection {
+        Connection {
             direction: Direction::Inbound,
             source: "198.19.1.1:40000".parse().unwrap(),
             source_identity: None,

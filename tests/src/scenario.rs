@@ -9,7 +9,7 @@ use std::{
 use anyhow::ensure;
 use serde_json::Value;
 
-use crate::lab::{Lab, Pod, fixture_bin};
+use crate::lab::{Lab, LabOptions, Pod, fixture_bin};
 
 /// Starts `lab-fixture <kind> --port <port>` in a pod and waits until it listens.
 pub fn start_fixture(lab: &mut Lab, pod: &Pod, kind: &str, port: u16) -> anyhow::Result<()> {
@@ -84,4 +84,17 @@ pub fn records(lab: &Lab, node: u8) -> anyhow::Result<Vec<Value>> {
         .as_array()
         .cloned()
         .unwrap_or_default())
+}
+
+/// The cast of Istio's walkthrough on a two-node lab: a meshed `sleep` pod (namespace foo) on
+/// node 1 and a meshed `position-tracker` pod (namespace vehicles) on node 2 serving
+/// `/vehicles/` on 8080. Returns (lab, sleep, tracker).
+pub fn walkthrough_lab() -> anyhow::Result<(Lab, Pod, Pod)> {
+    let mut lab = Lab::new(LabOptions::default())?;
+    let sleep = lab.add_pod(1, "sleep", "foo")?;
+    let tracker = lab.add_pod(2, "position-tracker", "vehicles")?;
+    lab.enroll(&sleep, "sleep", &[("app", "sleep")])?;
+    lab.enroll(&tracker, "position-tracker", &[("app", "position-tracker")])?;
+    start_fixture(&mut lab, &tracker, "http", 8080)?;
+    Ok((lab, sleep, tracker))
 }

@@ -7,9 +7,9 @@ use std::{
 
 use anyhow::ensure;
 use interceptor_tests::{
-    lab::{Lab, LabOptions, Pod, fixture_bin},
+    lab::{Lab, Pod, fixture_bin},
     pattern,
-    scenario::{curl, fixture, probe, start_fixture},
+    scenario::{curl, fixture, probe, start_fixture, walkthrough_lab},
 };
 use serde_json::Value;
 
@@ -22,12 +22,7 @@ struct Walkthrough {
 }
 
 fn walkthrough() -> anyhow::Result<Walkthrough> {
-    let mut lab = Lab::new(LabOptions::default())?;
-    let sleep = lab.add_pod(1, "sleep", "foo")?;
-    let tracker = lab.add_pod(2, "position-tracker", "vehicles")?;
-    lab.enroll(&sleep, "sleep", &[("app", "sleep")])?;
-    lab.enroll(&tracker, "position-tracker", &[("app", "position-tracker")])?;
-    start_fixture(&mut lab, &tracker, "http", 8080)?;
+    let (mut lab, sleep, tracker) = walkthrough_lab()?;
     start_fixture(&mut lab, &tracker, "http", 8081)?;
     start_fixture(&mut lab, &tracker, "sink", 9000)?;
     Ok(Walkthrough {

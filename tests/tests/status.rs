@@ -8,19 +8,14 @@ use std::{
 
 use anyhow::{Context, ensure};
 use interceptor_tests::{
-    lab::{Lab, LabOptions, fixture_bin},
-    scenario::{curl, probe, start_fixture, status_json},
+    lab::fixture_bin,
+    scenario::{curl, probe, status_json, walkthrough_lab},
 };
 use serde_json::Value;
 
 #[test]
 fn status_shows_mutual_tls_plaintext_and_dropped_and_metrics_agree() -> anyhow::Result<()> {
-    let mut lab = Lab::new(LabOptions::default())?;
-    let sleep = lab.add_pod(1, "sleep", "foo")?;
-    let tracker = lab.add_pod(2, "position-tracker", "vehicles")?;
-    lab.enroll(&sleep, "sleep", &[("app", "sleep")])?;
-    lab.enroll(&tracker, "position-tracker", &[("app", "position-tracker")])?;
-    start_fixture(&mut lab, &tracker, "http", 8080)?;
+    let (lab, sleep, tracker) = walkthrough_lab()?;
     let url = format!("http://{}:8080/vehicles/", tracker.ip);
 
     // Watch from the start; the first record must show up on the stream.

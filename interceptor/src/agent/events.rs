@@ -17,7 +17,7 @@ use tokio::io::unix::AsyncFd;
 use tracing::warn;
 
 use super::Agent;
-use crate::records::{Direction, NewConnection, Security, Verdict};
+use crate::records::{Connection, Direction, Security, Verdict};
 
 /// Reads the ring buffer until the task is aborted.
 pub(super) async fn serve(events: RingBuf<MapData>, agent: Arc<Agent>) {
@@ -66,7 +66,7 @@ async fn record(agent: &Agent, event: &KernelEvent, open_plaintext: &mut HashMap
         Some(spec) => agent.decision_for(&spec, event.local_port),
         None => return,
     };
-    let conn = NewConnection {
+    let conn = Connection {
         direction: Direction::Inbound,
         source: SocketAddr::V4(SocketAddrV4::new(remote, event.remote_port)),
         source_identity: None,

@@ -95,9 +95,12 @@ impl Filter {
 
     /// Whether a record passes every filter given.
     pub fn matches(&self, record: &ConnectionRecord) -> bool {
-        let workloads = [&record.source_workload, &record.destination_workload];
+        let workloads = [
+            &record.connection.source_workload,
+            &record.connection.destination_workload,
+        ];
         (!self.dropped || record.verdict == Verdict::Dropped)
-            && (!self.plaintext || record.security == Security::Plaintext)
+            && (!self.plaintext || record.connection.security == Security::Plaintext)
             && self.workload.as_ref().is_none_or(|name| {
                 workloads
                     .iter()

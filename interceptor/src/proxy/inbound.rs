@@ -11,8 +11,8 @@ use std::{
     sync::Arc,
 };
 
-use tokio::net::{TcpListener, TcpStream};
-use tracing::{debug, warn};
+use tokio::net::TcpStream;
+use tracing::debug;
 
 use super::{
     PodProxy, ProxyShared,
@@ -20,28 +20,18 @@ use super::{
     relay,
 };
 use crate::{
-    records::{Direction, NewConnection, Security, Verdict},
+    records::{Connection, Direction, Security, Verdict},
     tls,
 };
 
-/// Accepts tunnel connections until the task is aborted.
-pub async fn serve(listener: TcpListener, pod: Arc<PodProxy>, shared: Arc<ProxyShared>) {
-    loop {
-        match listener.accept().await {
-            Ok((stream, peer)) => {
-                let _ = stream.set_nodelay(true);
-                tokio::spawn(handle(stream, peer, pod.clone(), shared.clone()));
-            }
-            Err(e) => {
-                warn!(workload = %pod.workload, "tunnel accept: {e}");
-                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-            }
-        }
-    }
-}
-
-async fn handle(stream: TcpStream, peer: SocketAddr, pod: Arc<PodProxy>, shared: Arc<ProxyShared>) {
-    let mut conn = NewConnection {
+/// Serves one accepted connection.
+pub(super) async fn handle(
+    stream: TcpStream,
+    peer: SocketAddr,
+    pod: Arc<PodProxy>,
+    shared: Arc<ProxyShared>,
+) {
+    let mut conn = Connection {
         direction: Direction::Inbound,
         source: peer,
         source_identity: None,

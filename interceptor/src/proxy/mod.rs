@@ -14,13 +14,17 @@ pub mod outbound;
 pub mod relay;
 
 use std::{
-    net::{Ipv4Addr, SocketAddrV4},
+    net::{Ipv4Addr, SocketAddr, SocketAddrV4},
     sync::{Arc, Mutex},
 };
 
 use interceptor_common::{OUTBOUND_PORT, TUNNEL_PORT};
 use rustls::{ClientConfig, ServerConfig};
-use tokio::task::JoinHandle;
+use tokio::{
+    net::{TcpListener, TcpStream},
+    task::JoinHandle,
+};
+use tracing::warn;
 
 use crate::{
     directory::MeshDirectory, ebpf::Kernel, identity::Identity, netns::PodNetns,
@@ -60,11 +64,37 @@ pub fn start(pod: Arc<PodProxy>, shared: Arc<ProxyShared>) -> std::io::Result<Ve
         .listen(SocketAddrV4::new(Ipv4Addr::LOCALHOST, OUTBOUND_PORT))?;
     let tunnel_listener = pod.netns.listen(SocketAddrV4::new(pod.ip, TUNNEL_PORT))?;
     Ok(vec![
-        tokio::spawn(outbound::serve(
+        tokio::spawn(accept_loop(
             outbound_listener,
             pod.clone(),
             shared.clone(),
+            outbound::handle,
         )),
-        tokio::spawn(inbound::serve(tunnel_listener, pod, shared)),
+        tokio::spawn(accept_loop(tunnel_listener, pod, shared, inbound::handle)),
     ])
+}
+
+/// Accepts connections until the task is aborted, serving each in its own task.
+async fn accept_loop<F, Fut>(
+    listener: TcpListener,
+    pod: Arc<PodProxy>,
+    shared: Arc<ProxyShared>,
+    handle: F,
+) where
+    F: Fn(TcpStream, SocketAddr, Arc<PodProxy>, Arc<ProxyShared>) -> Fut,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    loop {
+        match listener.accept().await {
+            Ok((stream, peer)) => {
+                let _ = stream.set_nodelay(true);
+                tokio::spawn(handle(stream, peer, pod.clone(), shared.clone()));
+            }
+            Err(e) => {
+                // Out of descriptors or memory: back off instead of spinning.
+                warn!(workload = %pod.workload, "accept on {:?}: {e}", listener.local_addr());
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+        }
+    }
 }

@@ -11,7 +11,7 @@ use std::{
 };
 
 use interceptor_common::TUNNEL_PORT;
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 use tracing::{debug, warn};
 
 use super::{
@@ -21,27 +21,12 @@ use super::{
 };
 use crate::{
     directory::DirectoryEntry,
-    records::{Direction, NewConnection, Security, Verdict},
+    records::{Connection, Direction, Security, Verdict},
     tls,
 };
 
-/// Accepts redirected connections until the task is aborted.
-pub async fn serve(listener: TcpListener, pod: Arc<PodProxy>, shared: Arc<ProxyShared>) {
-    loop {
-        match listener.accept().await {
-            Ok((stream, peer)) => {
-                let _ = stream.set_nodelay(true);
-                tokio::spawn(handle(stream, peer, pod.clone(), shared.clone()));
-            }
-            Err(e) => {
-                warn!(workload = %pod.workload, "outbound accept: {e}");
-                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-            }
-        }
-    }
-}
-
-async fn handle(
+/// Serves one accepted connection.
+pub(super) async fn handle(
     mut client: TcpStream,
     peer: SocketAddr,
     pod: Arc<PodProxy>,
@@ -179,8 +164,8 @@ fn new_connection(
     pod: &PodProxy,
     entry: Option<&DirectoryEntry>,
     security: Security,
-) -> NewConnection {
-    NewConnection {
+) -> Connection {
+    Connection {
         direction: Direction::Outbound,
         source,
         source_identity: Some(pod.identity.to_string()),

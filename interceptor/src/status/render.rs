@@ -68,7 +68,7 @@ pub fn record_header() -> String {
 
 /// One record as a table row.
 pub fn record_row(r: &ConnectionRecord, colour: bool) -> String {
-    let security = match r.security {
+    let security = match r.connection.security {
         Security::MutualTls => paint("mutual_tls", GREEN, colour),
         Security::Plaintext => paint("plaintext", YELLOW, colour),
     };
@@ -81,7 +81,7 @@ pub fn record_row(r: &ConnectionRecord, colour: bool) -> String {
     let pad = |text: String, plain_len: usize, width: usize| {
         format!("{text}{}", " ".repeat(width.saturating_sub(plain_len)))
     };
-    let security_len = match r.security {
+    let security_len = match r.connection.security {
         Security::MutualTls => 10,
         Security::Plaintext => 9,
     };
@@ -93,14 +93,15 @@ pub fn record_row(r: &ConnectionRecord, colour: bool) -> String {
     format!(
         "{:<12} {:<3} {:<21} {:<44} {:<21} {:<24} {} {} {:>9} {:>9} {:>8} {:<6} {}",
         clock(r.start_unix_ms),
-        match r.direction {
+        match r.connection.direction {
             Direction::Inbound => "in",
             Direction::Outbound => "out",
         },
-        r.source.to_string(),
-        r.source_identity.as_deref().unwrap_or("unknown"),
-        r.destination.to_string(),
-        r.destination_workload
+        r.connection.source.to_string(),
+        r.connection.source_identity.as_deref().unwrap_or("unknown"),
+        r.connection.destination.to_string(),
+        r.connection
+            .destination_workload
             .as_ref()
             .map_or_else(|| "-".to_owned(), |w| w.to_string()),
         pad(security, security_len, 12),

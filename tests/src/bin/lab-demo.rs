@@ -9,19 +9,14 @@ use std::{path::Path, process::Stdio, time::Instant};
 
 use anyhow::Context;
 use interceptor_tests::{
-    lab::{Lab, LabOptions, Pod},
-    scenario::start_fixture,
+    lab::{Lab, Pod},
+    scenario::walkthrough_lab,
 };
 
 fn main() -> anyhow::Result<()> {
     let policy_file = Path::new(env!("CARGO_MANIFEST_DIR")).join("../policies/mesh-strict.yaml");
     banner("Building the lab: two nodes, one agent each, pods in their own namespaces and cgroups");
-    let mut lab = Lab::new(LabOptions::default())?;
-    let sleep = lab.add_pod(1, "sleep", "foo")?;
-    let tracker = lab.add_pod(2, "position-tracker", "vehicles")?;
-    lab.enroll(&sleep, "sleep", &[("app", "sleep")])?;
-    lab.enroll(&tracker, "position-tracker", &[("app", "position-tracker")])?;
-    start_fixture(&mut lab, &tracker, "http", 8080)?;
+    let (lab, sleep, tracker) = walkthrough_lab()?;
     println!("{}", lab.cli_ok(1, &["workload", "list"])?);
     println!("{}", lab.cli_ok(2, &["workload", "list"])?);
     let url = format!("http://{}:8080/vehicles/", tracker.ip);
