@@ -32,14 +32,16 @@
 //! the server takes the client identity of a resumed session from the ticket.
 //! Tickets live up to the ticketer's lifetime (hours), possibly beyond the peer
 //! certificate's expiry; [`connect`] and [`accept`] therefore also reject a
-//! peer whose leaf is no longer within its validity period.
+//! peer whose leaf is no longer within its validity period. The agent renews
+//! certificates at half-life with new configurations (new session cache, new
+//! ticketer), so sessions never outlive the certificates they were made with.
 //!
 //! The SNI extension is sent (it reveals only a hash of the destination
 //! identity, which the destination address reveals anyway) so that a future
 //! multi-workload server can select its certificate by it.
 
 use std::io;
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::client::{Resumption, verify_server_cert_signed_by_trust_anchor};
@@ -48,9 +50,7 @@ use rustls::crypto::{
 };
 use rustls::pki_types::{CertificateDer, DnsName, ServerName, UnixTime};
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
-use rustls::server::{
-    ParsedCertificate, ProducesTickets, VerifierBuilderError, WebPkiClientVerifier,
-};
+use rustls::server::{ParsedCertificate, VerifierBuilderError, WebPkiClientVerifier};
 use rustls::{
     CertificateError, ClientConfig, CommonState, DigitallySignedStruct, DistinguishedName,
     OtherError, RootCertStore, ServerConfig, SignatureScheme,
@@ -167,23 +167,12 @@ pub fn server_name_for(identity: &Identity) -> ServerName<'static> {
 }
 
 /// A server configuration presenting `cert` and requiring clients of the
-/// bundle's trust domain, with a fresh session ticketer.
+/// bundle's trust domain, with a fresh session ticketer. A renewed certificate
+/// gets a new configuration, and so a new ticketer: sessions that carry the old
+/// certificates cannot resume past the renewal.
 pub fn server_config(
     bundle: &TrustBundle,
     cert: &WorkloadCert,
-) -> Result<Arc<ServerConfig>, TlsError> {
-    let ticketer = rustls::crypto::ring::Ticketer::new()?;
-    server_config_with_ticketer(bundle, cert, ticketer)
-}
-
-/// Like [`server_config`], with a given session ticketer: pass the previous
-/// config's `ticketer` when rebuilding for a renewed certificate so that
-/// existing tickets stay resumable. Create one with
-/// [`rustls::crypto::ring::Ticketer::new`].
-pub fn server_config_with_ticketer(
-    bundle: &TrustBundle,
-    cert: &WorkloadCert,
-    ticketer: Arc<dyn ProducesTickets>,
 ) -> Result<Arc<ServerConfig>, TlsError> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let verifier = MeshClientVerifier::new(bundle, Arc::clone(&provider))?;
@@ -192,7 +181,7 @@ pub fn server_config_with_ticketer(
         .with_client_cert_verifier(Arc::new(verifier))
         .with_single_cert(cert.chain.clone(), cert.key.clone_key())?;
     config.alpn_protocols = vec![ALPN_PROTOCOL.to_vec()];
-    config.ticketer = ticketer;
+    config.ticketer = rustls::crypto::ring::Ticketer::new()?;
     config.send_tls13_tickets = TICKETS_PER_HANDSHAKE;
     Ok(Arc::new(config))
 }
@@ -217,6 +206,46 @@ pub fn client_config(
     config.alpn_protocols = vec![ALPN_PROTOCOL.to_vec()];
     config.resumption = Resumption::in_memory_sessions(CLIENT_SESSION_CACHE_SIZE);
     Ok(Arc::new(config))
+}
+
+/// A workload's client and server configurations, replaced together when its
+/// certificate is renewed; connections in flight keep the ones they started with.
+#[derive(Debug)]
+pub struct PodTls {
+    configs: RwLock<(Arc<ClientConfig>, Arc<ServerConfig>)>,
+}
+
+impl PodTls {
+    /// Configurations presenting `cert`.
+    pub fn new(bundle: &TrustBundle, cert: &WorkloadCert) -> Result<PodTls, TlsError> {
+        Ok(PodTls {
+            configs: RwLock::new(Self::build(bundle, cert)?),
+        })
+    }
+
+    /// Presents `cert` from the next connection on, with fresh session state.
+    pub fn renew(&self, bundle: &TrustBundle, cert: &WorkloadCert) -> Result<(), TlsError> {
+        let configs = Self::build(bundle, cert)?;
+        *self.configs.write().unwrap_or_else(|p| p.into_inner()) = configs;
+        Ok(())
+    }
+
+    /// The client configuration for a new outbound connection.
+    pub fn client(&self) -> Arc<ClientConfig> {
+        Arc::clone(&self.configs.read().unwrap_or_else(|p| p.into_inner()).0)
+    }
+
+    /// The server configuration for a new inbound connection.
+    pub fn server(&self) -> Arc<ServerConfig> {
+        Arc::clone(&self.configs.read().unwrap_or_else(|p| p.into_inner()).1)
+    }
+
+    fn build(
+        bundle: &TrustBundle,
+        cert: &WorkloadCert,
+    ) -> Result<(Arc<ClientConfig>, Arc<ServerConfig>), TlsError> {
+        Ok((client_config(bundle, cert)?, server_config(bundle, cert)?))
+    }
 }
 
 /// The SPIFFE identity in the peer's leaf certificate, once the handshake is
@@ -652,6 +681,41 @@ mod tests {
             "{message}"
         );
         assert_client_fails(client).await;
+    }
+
+    #[tokio::test]
+    async fn renewed_configs_present_the_new_certificate_with_fresh_sessions() {
+        let ca = Ca::generate(TRUST_DOMAIN).unwrap();
+        let (server_id, first) = issue(&ca, "payments");
+        let (_, client_cert) = issue(&ca, "checkout");
+        let server = PodTls::new(ca.trust_bundle(), &first).unwrap();
+        let client = PodTls::new(ca.trust_bundle(), &client_cert).unwrap();
+        let connect_once = || async {
+            let (server_side, client_side) =
+                handshake(&server.server(), &client.client(), &server_id).await;
+            let (mut server_side, mut client_side) =
+                (server_side.unwrap().0, client_side.unwrap().0);
+            exchange(&mut server_side, &mut client_side).await;
+            let conn = client_side.get_ref().1;
+            (
+                conn.peer_certificates().unwrap()[0].clone(),
+                conn.handshake_kind(),
+            )
+        };
+        let (leaf, _) = connect_once().await;
+        assert_eq!(leaf, *first.leaf());
+        assert_eq!(connect_once().await.1, Some(HandshakeKind::Resumed));
+
+        let renewed = ca.issue(&server_id, VALIDITY).unwrap();
+        server.renew(ca.trust_bundle(), &renewed).unwrap();
+        client.renew(ca.trust_bundle(), &client_cert).unwrap();
+        let (leaf, kind) = connect_once().await;
+        assert_eq!(leaf, *renewed.leaf());
+        assert_eq!(
+            kind,
+            Some(HandshakeKind::Full),
+            "no session may outlive a renewal"
+        );
     }
 
     #[tokio::test]

@@ -51,6 +51,7 @@ pub struct Node {
     pub metrics_addr: String,
     /// CA directory the agent uses.
     pub ca_dir: PathBuf,
+    agent_args: Vec<String>,
     state_dir: PathBuf,
     bpf_dir: PathBuf,
     log: PathBuf,
@@ -81,6 +82,8 @@ pub struct LabOptions {
     pub nodes: u8,
     /// Nodes (1-based) whose agent gets certificates from a different CA.
     pub foreign_ca_nodes: Vec<u8>,
+    /// Extra `interceptor agent` arguments for every agent.
+    pub agent_args: Vec<String>,
 }
 
 impl Default for LabOptions {
@@ -88,6 +91,7 @@ impl Default for LabOptions {
         Self {
             nodes: 2,
             foreign_ca_nodes: Vec::new(),
+            agent_args: Vec::new(),
         }
     }
 }
@@ -150,7 +154,7 @@ impl Lab {
             } else {
                 ca.clone()
             };
-            self.add_node(index, &fabric, ca_dir)?;
+            self.add_node(index, &fabric, ca_dir, options.agent_args.clone())?;
         }
         for node in &self.nodes {
             for other in &self.nodes {
@@ -174,7 +178,13 @@ impl Lab {
         Ok(())
     }
 
-    fn add_node(&mut self, index: u8, fabric: &str, ca_dir: PathBuf) -> anyhow::Result<()> {
+    fn add_node(
+        &mut self,
+        index: u8,
+        fabric: &str,
+        ca_dir: PathBuf,
+        agent_args: Vec<String>,
+    ) -> anyhow::Result<()> {
         let netns = self.netns_name(&format!("n{index}"));
         let underlay_ip = Ipv4Addr::new(198, 18, 0, 10 + index);
         ip(&["netns", "add", &netns])?;
@@ -211,6 +221,7 @@ impl Lab {
             policy_dir,
             metrics_addr: format!("{underlay_ip}:15020"),
             ca_dir,
+            agent_args,
             state_dir: node_dir.join("state"),
             bpf_dir: Path::new(BPF_ROOT)
                 .join(&self.name)
@@ -252,6 +263,7 @@ impl Lab {
             .arg("--policy-dir")
             .arg(&node.policy_dir)
             .args(["--metrics-addr", &node.metrics_addr])
+            .args(&node.agent_args)
             .env(
                 "RUST_LOG",
                 std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
@@ -474,6 +486,23 @@ impl Lab {
             Some(&pod.cgroup),
         )?;
         Ok(command)
+    }
+
+    /// A command that runs in a pod's network namespace but not in its cgroup, so its
+    /// connects are never captured: the pod's own addresses and loopback, without the mesh.
+    pub fn in_pod_netns(
+        &self,
+        pod: &Pod,
+        program: impl AsRef<std::ffi::OsStr>,
+    ) -> anyhow::Result<Command> {
+        let mut command = Command::new(program);
+        enter(&mut command, Some(&netns_path(&pod.netns)), None)?;
+        Ok(command)
+    }
+
+    /// The process id of a node's agent, while it runs.
+    pub fn agent_pid(&self, node: u8) -> Option<u32> {
+        self.node(node).ok()?.agent.as_ref().map(Child::id)
     }
 
     /// A command that runs on a node, outside the mesh (the node's namespace, not a pod's

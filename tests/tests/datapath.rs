@@ -249,6 +249,7 @@ fn an_agent_with_a_certificate_from_another_ca_is_refused() -> anyhow::Result<()
     let mut lab = Lab::new(LabOptions {
         nodes: 3,
         foreign_ca_nodes: vec![3],
+        ..LabOptions::default()
     })?;
     let server = lab.add_pod(2, "server", "default")?;
     let intruder = lab.add_pod(3, "intruder", "default")?;
@@ -520,5 +521,39 @@ fn garbage_on_the_tunnel_port_and_admin_socket_changes_nothing() -> anyhow::Resu
         })
         .count();
     ensure!(refused == 2, "expected 2 refused handshakes, saw {refused}");
+    Ok(())
+}
+
+#[test]
+fn certificates_rotate_without_breaking_the_mesh() -> anyhow::Result<()> {
+    // 8 s certificates: renewed after 4 s, checked every second.
+    let mut lab = Lab::new(LabOptions {
+        agent_args: vec!["--cert-lifetime-secs".into(), "8".into()],
+        ..LabOptions::default()
+    })?;
+    let client = lab.add_pod(1, "client", "default")?;
+    let server = lab.add_pod(2, "server", "default")?;
+    lab.enroll(&client, "sleep", &[])?;
+    lab.enroll(&server, "tracker", &[])?;
+    start_servers(&mut lab, &server)?;
+    let url = format!("http://{}:{HTTP_PORT}/vehicles/", server.ip);
+    let call = || -> anyhow::Result<bool> {
+        let out = curl(lab.in_pod(&client, "curl")?, &url, &[])?;
+        Ok(String::from_utf8_lossy(&out.stdout).contains("Vehicle 1"))
+    };
+    ensure!(call()?, "first call failed");
+    // Past the certificates' first expiry: every call must keep working.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while std::time::Instant::now() < deadline {
+        ensure!(call()?, "a call failed while certificates rotated");
+        std::thread::sleep(std::time::Duration::from_millis(500));
+    }
+    for node in [1, 2] {
+        let log = lab.agent_log(node);
+        ensure!(
+            log.matches("certificate rotated").count() >= 2,
+            "node {node} did not rotate twice:\n{log}"
+        );
+    }
     Ok(())
 }

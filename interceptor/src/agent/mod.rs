@@ -64,6 +64,8 @@ pub struct AgentConfig {
     pub metrics_addr: Option<SocketAddr>,
     /// How many recent connection records to keep.
     pub record_capacity: usize,
+    /// Lifetime of workload certificates; they are renewed at half-life.
+    pub cert_lifetime: std::time::Duration,
 }
 
 /// The running agent.
@@ -105,6 +107,7 @@ impl Agent {
             .with_context(|| format!("admin socket {}", agent.config.admin_socket.display()))?;
         agent.restore_workloads().await;
         tokio::spawn(events::serve(events, agent.clone()));
+        tokio::spawn(rotate_certificates(agent.clone()));
         if agent.config.policy_dir.is_some() {
             tokio::spawn(policy_sync::watch_policy_dir(agent.clone()));
         }
@@ -177,6 +180,15 @@ impl Agent {
             .lock()
             .map(|state| state.active().clone())
             .unwrap_or_else(|p| p.into_inner().active().clone())
+    }
+}
+
+/// Checks certificates often enough to renew each well before it expires.
+async fn rotate_certificates(agent: Arc<Agent>) {
+    let period = (agent.config.cert_lifetime / 8).min(std::time::Duration::from_secs(60));
+    loop {
+        tokio::time::sleep(period).await;
+        agent.rotate_certificates().await;
     }
 }
 

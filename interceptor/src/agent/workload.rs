@@ -4,7 +4,7 @@ use std::{
     net::Ipv4Addr,
     path::{Path, PathBuf},
     sync::Arc,
-    time::Duration,
+    time::{Duration, SystemTime},
 };
 
 use tokio::task::JoinHandle;
@@ -20,9 +20,6 @@ use crate::{
     workloads::{WorkloadInfo, WorkloadKey, WorkloadSpec},
 };
 
-/// Certificates are issued for this long; the agent re-issues on restart.
-const CERT_VALIDITY: Duration = Duration::from_secs(24 * 3600);
-
 /// A workload the agent serves.
 pub struct RunningWorkload {
     /// What was enrolled.
@@ -33,6 +30,10 @@ pub struct RunningWorkload {
     pub identity: Identity,
     /// The pod's network namespace.
     pub netns: Arc<PodNetns>,
+    /// The TLS configurations the pod's proxies use; renewed on rotation.
+    tls: Arc<tls::PodTls>,
+    /// When the current certificate expires.
+    cert_not_after: SystemTime,
     tasks: Vec<JoinHandle<()>>,
 }
 
@@ -137,16 +138,16 @@ impl Agent {
         .map_err(|e| e.to_string())?;
         let cert = self
             .ca
-            .issue(&identity, CERT_VALIDITY)
+            .issue(&identity, self.config.cert_lifetime)
             .map_err(|e| format!("issuing a certificate for {identity}: {e}"))?;
-        let bundle = self.ca.trust_bundle();
+        let pod_tls =
+            Arc::new(tls::PodTls::new(self.ca.trust_bundle(), &cert).map_err(|e| e.to_string())?);
         let pod = Arc::new(PodProxy {
             workload: key.clone(),
             identity: identity.clone(),
             ip,
             netns: netns.clone(),
-            client_tls: tls::client_config(bundle, &cert).map_err(|e| e.to_string())?,
-            server_tls: tls::server_config(bundle, &cert).map_err(|e| e.to_string())?,
+            tls: pod_tls.clone(),
         });
         let tasks = proxy::start(pod, self.shared.clone()).map_err(|e| {
             format!("opening the agent's listeners in {key}'s network namespace: {e}")
@@ -156,6 +157,8 @@ impl Agent {
             ip,
             identity,
             netns,
+            tls: pod_tls,
+            cert_not_after: cert.not_after,
             tasks,
         };
         self.program_kernel(&running)?;
@@ -169,6 +172,40 @@ impl Agent {
             })
             .map_err(|e| format!("publishing to the mesh directory: {e}"))?;
         Ok(running)
+    }
+
+    /// Re-issues every certificate past half its life; running proxies present the new one
+    /// from their next handshake, and TLS sessions keep resuming.
+    pub(super) async fn rotate_certificates(&self) {
+        let renew_before = self.config.cert_lifetime / 2;
+        let mut workloads = self.workloads.lock().await;
+        for running in workloads.values_mut() {
+            let left = running
+                .cert_not_after
+                .duration_since(SystemTime::now())
+                .unwrap_or(Duration::ZERO);
+            if left > renew_before {
+                continue;
+            }
+            let renewed = self
+                .ca
+                .issue(&running.identity, self.config.cert_lifetime)
+                .map_err(|e| e.to_string())
+                .and_then(|cert| {
+                    running
+                        .tls
+                        .renew(self.ca.trust_bundle(), &cert)
+                        .map_err(|e| e.to_string())?;
+                    Ok(cert.not_after)
+                });
+            match renewed {
+                Ok(not_after) => {
+                    running.cert_not_after = not_after;
+                    info!(identity = %running.identity, "certificate rotated");
+                }
+                Err(e) => warn!(identity = %running.identity, "certificate rotation failed: {e}"),
+            }
+        }
     }
 
     fn program_kernel(&self, running: &RunningWorkload) -> Result<(), String> {

@@ -49,6 +49,9 @@ pub struct AgentArgs {
     /// How many recent connection records to keep in memory.
     #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
     record_capacity: u32,
+    /// Lifetime of workload certificates in seconds; each is renewed at half its life.
+    #[arg(long, default_value_t = 86_400, value_parser = clap::value_parser!(u64).range(8..=31_536_000))]
+    cert_lifetime_secs: u64,
 }
 
 /// Starts the runtime and the agent.
@@ -73,6 +76,7 @@ pub fn run(args: AgentArgs) -> anyhow::Result<()> {
         root_namespace: args.root_namespace,
         metrics_addr: args.metrics_addr,
         record_capacity: args.record_capacity as usize,
+        cert_lifetime: std::time::Duration::from_secs(args.cert_lifetime_secs),
     };
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()

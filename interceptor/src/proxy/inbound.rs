@@ -41,7 +41,7 @@ pub(super) async fn handle(
         destination_workload: Some(pod.workload.clone()),
         security: Security::MutualTls,
     };
-    let (mut tunnel, client) = match tls::accept(pod.server_tls.clone(), stream).await {
+    let (mut tunnel, client) = match tls::accept(pod.tls.server(), stream).await {
         Ok(accepted) => accepted,
         Err(e) => {
             debug!(workload = %pod.workload, %peer, "tunnel handshake refused: {e}");

@@ -19,7 +19,6 @@ use std::{
 };
 
 use interceptor_common::{OUTBOUND_PORT, TUNNEL_PORT};
-use rustls::{ClientConfig, ServerConfig};
 use tokio::{
     net::{TcpListener, TcpStream},
     task::JoinHandle,
@@ -28,7 +27,7 @@ use tracing::warn;
 
 use crate::{
     directory::MeshDirectory, ebpf::Kernel, identity::Identity, netns::PodNetns,
-    records::RecordStore, workloads::WorkloadKey,
+    records::RecordStore, tls::PodTls, workloads::WorkloadKey,
 };
 
 /// What the proxies know about the pod they serve.
@@ -41,10 +40,8 @@ pub struct PodProxy {
     pub ip: Ipv4Addr,
     /// The pod's network namespace.
     pub netns: Arc<PodNetns>,
-    /// TLS client configuration with the pod's certificate (reused, so sessions resume).
-    pub client_tls: Arc<ClientConfig>,
-    /// TLS server configuration with the pod's certificate.
-    pub server_tls: Arc<ServerConfig>,
+    /// TLS configurations with the pod's certificate (reused, so sessions resume).
+    pub tls: Arc<PodTls>,
 }
 
 /// Agent-wide state the proxies use.

@@ -98,7 +98,7 @@ async fn open_tunnel(
         .connect(SocketAddrV4::new(*destination.ip(), TUNNEL_PORT))
         .await
         .map_err(|e| format!("connecting to the destination agent: {e}"))?;
-    let (mut tunnel, _server) = tls::connect(pod.client_tls.clone(), &expected, tcp)
+    let (mut tunnel, _server) = tls::connect(pod.tls.client(), &expected, tcp)
         .await
         .map_err(|e| format!("mutual TLS with the destination agent: {e}"))?;
     header::write_request(&mut tunnel, destination.port())

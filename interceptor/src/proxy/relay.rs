@@ -1,14 +1,54 @@
 //! Byte relay between two streams, with half-close and reset propagation.
+//!
+//! Relay buffers are lent, not owned: each direction borrows a buffer from a small per-thread
+//! pool when it reads, and gives it back as soon as everything read has been written and the
+//! next read would block. An idle connection therefore holds no relay buffer at all, which is
+//! what keeps the agent's memory per proxied connection small (BENCHMARKS.md), while a busy
+//! one still moves data in large chunks.
 
-use std::io;
+use std::{
+    cell::RefCell,
+    future::poll_fn,
+    io,
+    pin::Pin,
+    task::{Context, Poll, ready},
+};
 
 use tokio::{
-    io::{AsyncRead, AsyncWrite},
+    io::{AsyncRead, AsyncWrite, ReadBuf},
     net::TcpStream,
 };
 
-/// Relay buffer per direction; large enough for bulk transfers to use few syscalls.
+/// Size of a relay buffer: large enough for bulk transfers to use few system calls.
 const BUFFER: usize = 256 * 1024;
+/// After a read of at least this much (a full TLS record, or a plaintext read that found a
+/// backlog), read again before writing, so bulk data goes out in large writes; a shorter
+/// read is written at once, so small messages never wait for another system call.
+const COALESCE_ABOVE: usize = 16 * 1024;
+/// Buffers each thread keeps for reuse; more are freed when returned.
+const POOL_PER_THREAD: usize = 16;
+
+thread_local! {
+    static POOL: RefCell<Vec<Box<[u8]>>> = const { RefCell::new(Vec::new()) };
+}
+
+/// A buffer from this thread's pool, or a new one.
+fn take_buffer() -> Box<[u8]> {
+    POOL.try_with(|pool| pool.borrow_mut().pop())
+        .ok()
+        .flatten()
+        .unwrap_or_else(|| vec![0u8; BUFFER].into_boxed_slice())
+}
+
+/// Returns a buffer to this thread's pool (or frees it when the pool is full).
+fn give_buffer(buffer: Box<[u8]>) {
+    let _ = POOL.try_with(|pool| {
+        let mut pool = pool.borrow_mut();
+        if pool.len() < POOL_PER_THREAD {
+            pool.push(buffer);
+        }
+    });
+}
 
 /// Bytes moved by a relay.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -26,15 +66,220 @@ where
     A: AsyncRead + AsyncWrite + Unpin + ?Sized,
     B: AsyncRead + AsyncWrite + Unpin + ?Sized,
 {
-    let (to_destination, to_caller) =
-        tokio::io::copy_bidirectional_with_sizes(caller, destination, BUFFER, BUFFER).await?;
-    Ok(Moved {
-        to_destination,
-        to_caller,
+    let mut forward = Half::default();
+    let mut backward = Half::default();
+    let result = poll_fn(|cx| {
+        let to_destination = forward.poll(cx, &mut *caller, &mut *destination)?;
+        let to_caller = backward.poll(cx, &mut *destination, &mut *caller)?;
+        match (to_destination, to_caller) {
+            (Poll::Ready(to_destination), Poll::Ready(to_caller)) => Poll::Ready(Ok(Moved {
+                to_destination,
+                to_caller,
+            })),
+            _ => Poll::Pending,
+        }
     })
+    .await;
+    forward.release();
+    backward.release();
+    result
+}
+
+/// One direction of a relay: read, write, and at the reader's end shut the writer down.
+#[derive(Default)]
+struct Half {
+    /// The lent buffer, while it holds data or a read is in progress.
+    buffer: Option<Box<[u8]>>,
+    /// Written up to here.
+    pos: usize,
+    /// Filled up to here.
+    cap: usize,
+    /// Bytes written in all.
+    moved: u64,
+    /// Whether the writer needs a flush before we wait for the reader.
+    need_flush: bool,
+    /// The reader reached its end.
+    read_done: bool,
+    /// The writer has been shut down: this direction is finished.
+    done: bool,
+}
+
+impl Half {
+    fn poll<R, W>(
+        &mut self,
+        cx: &mut Context<'_>,
+        reader: &mut R,
+        writer: &mut W,
+    ) -> Poll<io::Result<u64>>
+    where
+        R: AsyncRead + Unpin + ?Sized,
+        W: AsyncWrite + Unpin + ?Sized,
+    {
+        if self.done {
+            return Poll::Ready(Ok(self.moved));
+        }
+        loop {
+            if self.pos == self.cap && !self.read_done {
+                // Empty: read.
+                match self.poll_read(cx, reader) {
+                    Poll::Ready(Ok(())) => {}
+                    Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                    Poll::Pending => {
+                        self.release();
+                        if self.need_flush {
+                            ready!(Pin::new(&mut *writer).poll_flush(cx))?;
+                            self.need_flush = false;
+                        }
+                        return Poll::Pending;
+                    }
+                }
+            }
+            while self.pos < self.cap {
+                let Some(buffer) = self.buffer.as_deref() else {
+                    break;
+                };
+                let n = ready!(Pin::new(&mut *writer).poll_write(cx, &buffer[self.pos..self.cap]))?;
+                if n == 0 {
+                    return Poll::Ready(Err(io::Error::new(
+                        io::ErrorKind::WriteZero,
+                        "relay peer accepted no bytes",
+                    )));
+                }
+                self.pos += n;
+                self.moved += n as u64;
+                self.need_flush = true;
+            }
+            self.pos = 0;
+            self.cap = 0;
+            if self.read_done {
+                self.release();
+                if self.need_flush {
+                    ready!(Pin::new(&mut *writer).poll_flush(cx))?;
+                    self.need_flush = false;
+                }
+                ready!(Pin::new(&mut *writer).poll_shutdown(cx))?;
+                self.done = true;
+                return Poll::Ready(Ok(self.moved));
+            }
+        }
+    }
+
+    /// Reads into the (borrowed) buffer; after a large read, keeps reading while data is
+    /// ready and there is room. Ready(Ok) means data was read or the reader ended.
+    fn poll_read<R>(&mut self, cx: &mut Context<'_>, reader: &mut R) -> Poll<io::Result<()>>
+    where
+        R: AsyncRead + Unpin + ?Sized,
+    {
+        let buffer = self.buffer.get_or_insert_with(take_buffer);
+        loop {
+            let mut read = ReadBuf::new(&mut buffer[self.cap..]);
+            match Pin::new(&mut *reader).poll_read(cx, &mut read) {
+                Poll::Ready(Ok(())) => {
+                    let n = read.filled().len();
+                    if n == 0 {
+                        self.read_done = true;
+                        return Poll::Ready(Ok(()));
+                    }
+                    self.cap += n;
+                    if n < COALESCE_ABOVE || self.cap == buffer.len() {
+                        return Poll::Ready(Ok(()));
+                    }
+                }
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                // Nothing more now: write what we have, or wait if we have nothing.
+                Poll::Pending if self.cap > 0 => return Poll::Ready(Ok(())),
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+    }
+
+    /// Gives the buffer back if it holds nothing unwritten.
+    fn release(&mut self) {
+        if self.pos == self.cap
+            && let Some(buffer) = self.buffer.take()
+        {
+            give_buffer(buffer);
+        }
+    }
 }
 
 /// Closes a TCP connection with a reset instead of a FIN, so the peer sees the failure at once.
 pub fn reset(stream: &TcpStream) {
     let _ = stream.set_zero_linger();
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt, duplex};
+
+    use super::*;
+
+    #[tokio::test]
+    async fn relays_both_ways_with_half_close() {
+        let (mut client, mut caller_side) = duplex(64 * 1024);
+        let (mut destination_side, mut server) = duplex(64 * 1024);
+        let relay =
+            tokio::spawn(async move { relay(&mut caller_side, &mut destination_side).await });
+        let payload: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8).collect();
+        let expected = payload.clone();
+        let upload = tokio::spawn(async move {
+            client.write_all(&payload).await.unwrap();
+            client.shutdown().await.unwrap();
+            let mut answer = Vec::new();
+            client.read_to_end(&mut answer).await.unwrap();
+            answer
+        });
+        let mut received = Vec::new();
+        server.read_to_end(&mut received).await.unwrap();
+        assert_eq!(received, expected);
+        server.write_all(b"done").await.unwrap();
+        server.shutdown().await.unwrap();
+        drop(server);
+        assert_eq!(upload.await.unwrap(), b"done");
+        let moved = relay.await.unwrap().unwrap();
+        assert_eq!(
+            moved,
+            Moved {
+                to_destination: 3_000_000,
+                to_caller: 4
+            }
+        );
+    }
+
+    #[tokio::test]
+    async fn idle_relays_hold_no_buffer() {
+        let (_client, mut caller_side) = duplex(1024);
+        let (mut destination_side, _server) = duplex(1024);
+        let mut forward = Half::default();
+        let mut backward = Half::default();
+        let waker = std::task::Waker::noop();
+        let mut cx = Context::from_waker(waker);
+        assert!(
+            forward
+                .poll(&mut cx, &mut caller_side, &mut destination_side)
+                .is_pending()
+        );
+        assert!(
+            backward
+                .poll(&mut cx, &mut destination_side, &mut caller_side)
+                .is_pending()
+        );
+        assert!(forward.buffer.is_none() && backward.buffer.is_none());
+    }
+
+    #[tokio::test]
+    async fn small_messages_go_through_one_at_a_time() {
+        let (mut client, mut caller_side) = duplex(1024);
+        let (mut destination_side, mut server) = duplex(1024);
+        tokio::spawn(async move { relay(&mut caller_side, &mut destination_side).await });
+        for i in 0..100u8 {
+            client.write_all(&[i]).await.unwrap();
+            let mut byte = [0u8; 1];
+            server.read_exact(&mut byte).await.unwrap();
+            assert_eq!(byte[0], i);
+            server.write_all(&[i ^ 0xff]).await.unwrap();
+            client.read_exact(&mut byte).await.unwrap();
+            assert_eq!(byte[0], i ^ 0xff);
+        }
+    }
 }
