@@ -216,6 +216,48 @@ impl Kernel {
         Ok(())
     }
 
+    /// Forgets pods that are no longer served (their namespace went away while the agent was
+    /// down): their doors, enrollment and modes.
+    pub fn retain_pods(
+        &mut self,
+        netns_cookies: &[u64],
+        ips: &[Ipv4Addr],
+    ) -> Result<(), EbpfError> {
+        let stale_cookies: Vec<u64> = self
+            .enrolled
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|cookie| !netns_cookies.contains(cookie))
+            .collect();
+        let door_pins = std::fs::read_dir(&self.links_dir)
+            .map_err(|source| EbpfError::Io {
+                path: self.links_dir.clone(),
+                source,
+            })?
+            .filter_map(Result::ok)
+            .filter_map(|entry| {
+                let name = entry.file_name().into_string().ok()?;
+                name.strip_prefix("pod-door-")?.parse::<u64>().ok()
+            })
+            .filter(|cookie| !netns_cookies.contains(cookie));
+        let stale: std::collections::BTreeSet<u64> =
+            stale_cookies.into_iter().chain(door_pins).collect();
+        for cookie in stale {
+            self.unenroll(cookie)?;
+        }
+        let stale_ips: std::collections::BTreeSet<u32> = self
+            .inbound_mode
+            .keys()
+            .filter_map(Result::ok)
+            .map(|key| key.ip4)
+            .filter(|ip4| !ips.iter().any(|ip| u32::from(*ip).to_be() == *ip4))
+            .collect();
+        for ip4 in stale_ips {
+            self.replace_inbound_modes(Ipv4Addr::from(u32::from_be(ip4)), &[])?;
+        }
+        Ok(())
+    }
+
     /// Makes the inbound modes of a pod address exactly `modes` (port 0 is the default).
     /// New entries are written before stale ones are removed, so no SYN ever finds a pod
     /// without its mode.

@@ -53,7 +53,8 @@ pub struct Node {
     pub ca_dir: PathBuf,
     agent_args: Vec<String>,
     state_dir: PathBuf,
-    bpf_dir: PathBuf,
+    /// Where the agent pins its kernel maps and links.
+    pub bpf_dir: PathBuf,
     log: PathBuf,
     agent: Option<Child>,
     next_pod: u8,

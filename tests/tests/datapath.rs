@@ -557,3 +557,47 @@ fn certificates_rotate_without_breaking_the_mesh() -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+#[test]
+fn a_restarted_agent_keeps_its_pods_and_forgets_vanished_ones() -> anyhow::Result<()> {
+    let (mut lab, client, server) = two_node_lab()?;
+    let gone = lab.add_pod(2, "gone", "default")?;
+    lab.enroll(&gone, "gone", &[])?;
+    let links = lab.node(2)?.bpf_dir.join("links");
+    let doors = |links: &std::path::Path| -> anyhow::Result<usize> {
+        Ok(std::fs::read_dir(links)?
+            .filter_map(Result::ok)
+            .filter(|e| e.file_name().to_string_lossy().starts_with("pod-door-"))
+            .count())
+    };
+    ensure!(doors(&links)? == 2, "one door per enrolled pod expected");
+    lab.kill_agent(2)?;
+    let out = Command::new("ip")
+        .args(["netns", "del", &gone.netns])
+        .output()?;
+    ensure!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    lab.start_agent(2)?;
+    let list = lab.cli_ok(2, &["workload", "list"])?;
+    ensure!(
+        list.contains("default/server") && !list.contains("default/gone"),
+        "{list}"
+    );
+    ensure!(
+        doors(&links)? == 1,
+        "the vanished pod's door is still pinned"
+    );
+    let body = curl(
+        lab.in_pod(&client, "curl")?,
+        &format!("http://{}:{HTTP_PORT}/vehicles/", server.ip),
+        &[],
+    )?;
+    ensure!(
+        String::from_utf8_lossy(&body.stdout).contains("Vehicle 1"),
+        "mesh broken after restart"
+    );
+    Ok(())
+}

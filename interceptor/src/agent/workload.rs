@@ -121,6 +121,16 @@ impl Agent {
                 Err(e) => warn!(workload = %key, "not restored: {e}"),
             }
         }
+        let cookies: Vec<u64> = workloads.values().map(|w| w.netns.cookie()).collect();
+        let ips: Vec<Ipv4Addr> = workloads.values().map(|w| w.ip).collect();
+        match self.shared.kernel.lock() {
+            Ok(mut kernel) => {
+                if let Err(e) = kernel.retain_pods(&cookies, &ips) {
+                    warn!("forgetting pods that were not restored: {e}");
+                }
+            }
+            Err(_) => warn!("kernel lock poisoned"),
+        }
         self.save_workloads(&workloads);
     }
 
