@@ -734,10 +734,12 @@ pub fn interceptor_bin() -> anyhow::Result<PathBuf> {
 
 /// The `lab-fixture` test tool from the same cargo target directory.
 pub fn fixture_bin() -> anyhow::Result<PathBuf> {
-    sibling_bin(
-        "lab-fixture",
-        "cargo build --release -p interceptor-tests --bins",
-    )
+    sibling_tool("lab-fixture")
+}
+
+/// A tool of this crate (`lab-fixture`, `lab-up`, ...) from the same cargo target directory.
+pub fn sibling_tool(name: &str) -> anyhow::Result<PathBuf> {
+    sibling_bin(name, "cargo build --release -p interceptor-tests --bins")
 }
 
 /// A binary built into the same target directory as the running executable (tests run from
