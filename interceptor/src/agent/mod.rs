@@ -32,10 +32,9 @@ pub use workload::RunningWorkload;
 
 /// "STRICT by istio-system/default", or the built-in default when no policy decided.
 pub fn describe_decision(decision: &crate::policy::Decision) -> String {
-    let mode = format!("{:?}", decision.mode).to_uppercase();
     match &decision.policy {
-        Some(policy) => format!("{mode} by {}/{}", policy.namespace, policy.name),
-        None => format!("{mode} (mesh default, no policy)"),
+        Some(policy) => format!("{} by {policy}", decision.mode),
+        None => format!("{} (mesh default, no policy)", decision.mode),
     }
 }
 

@@ -8,7 +8,7 @@ use super::AdminSocket;
 use crate::{
     admin::{client, protocol::Request},
     agent::PolicyReport,
-    policy,
+    policy::{self, Scope},
 };
 
 /// Policy commands.
@@ -54,7 +54,7 @@ pub fn run(command: PolicyCommand) -> anyhow::Result<()> {
     match command {
         PolicyCommand::Validate { paths } => {
             let objects = policy::load_paths(&paths)?;
-            policy::PolicySet::new("istio-system").with_applied(objects.clone())?;
+            policy::PolicySet::new(policy::DEFAULT_ROOT_NAMESPACE).with_applied(objects.clone())?;
             println!("valid: {} PeerAuthentication object(s)", objects.len());
         }
         PolicyCommand::Apply { paths, admin } => {
@@ -95,28 +95,30 @@ fn print_report(report: &PolicyReport) {
         println!("  none: every workload is PERMISSIVE");
     }
     for p in &report.policies {
-        let scope = match (&p.selector, p.namespace == report.root_namespace) {
-            (Some(labels), _) => format!(
-                "workload {}",
-                labels
-                    .iter()
-                    .map(|(k, v)| format!("{k}={v}"))
-                    .collect::<Vec<_>>()
-                    .join(",")
-            ),
-            (None, true) => "mesh".to_owned(),
-            (None, false) => "namespace".to_owned(),
+        let labels = || {
+            p.match_labels()
+                .into_iter()
+                .flatten()
+                .map(|(k, v)| format!("{k}={v}"))
+                .collect::<Vec<_>>()
+                .join(",")
+        };
+        let scope = match p.scope(&report.root_namespace) {
+            Scope::Mesh => "mesh".to_owned(),
+            Scope::Namespace => "namespace".to_owned(),
+            Scope::Workload => format!("workload {}", labels()),
+            Scope::Ignored => format!("ignored (selector in root namespace) {}", labels()),
         };
         let ports: Vec<String> = p
             .port_level
             .iter()
-            .map(|(port, mode)| format!("{port}:{mode:?}"))
+            .map(|(port, mode)| format!("{port}:{mode}"))
             .collect();
         println!(
             "  {:<40} {:<28} {:<11} {}",
-            format!("{}/{}", p.namespace, p.name),
+            p.reference().to_string(),
             scope,
-            format!("{:?}", p.mode).to_uppercase(),
+            p.mode.to_string(),
             ports.join(" ")
         );
     }
