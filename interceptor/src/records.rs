@@ -281,6 +281,11 @@ impl RecordStore {
         self.lock().totals.clone()
     }
 
+    /// Whether a record is still in the store and open.
+    pub fn is_open(&self, id: u64) -> bool {
+        self.lock().started.contains_key(&id)
+    }
+
     /// Counters for /metrics.
     pub fn metrics(&self) -> MetricsSnapshot {
         self.lock().metrics.clone()
@@ -465,7 +470,9 @@ mod tests {
         let mut updates = store.subscribe();
         let id = store.open(conn());
         assert!(store.recent()[0].open);
+        assert!(store.is_open(id));
         store.close(id, 1, 2, Some("destination reset".into()));
+        assert!(!store.is_open(id));
         let record = &store.recent()[0];
         assert!(!record.open);
         assert_eq!(record.verdict, Verdict::Failed);

@@ -19,6 +19,9 @@ use tracing::warn;
 use super::Agent;
 use crate::records::{Connection, Direction, Security, Verdict};
 
+/// How many open plaintext connections to track before pruning ones whose records are gone.
+const MAX_TRACKED_PLAINTEXT: usize = 65_536;
+
 /// Reads the ring buffer until the task is aborted.
 pub(super) async fn serve(events: RingBuf<MapData>, agent: Arc<Agent>) {
     // SAFETY: the ring buffer owns its fd and lives inside the AsyncFd until the task ends.
@@ -89,6 +92,11 @@ async fn record(agent: &Agent, event: &KernelEvent, open_plaintext: &mut HashMap
                 format!("plaintext allowed: {}", super::describe_decision(&decision)),
             );
             open_plaintext.insert(event.sock_cookie, id);
+            if open_plaintext.len() > MAX_TRACKED_PLAINTEXT {
+                // Close events can be lost (full ring buffer); forget connections whose
+                // records have left the store.
+                open_plaintext.retain(|_, id| records.is_open(*id));
+            }
         }
         EVENT_PLAINTEXT_CLOSE => {
             if let Some(id) = open_plaintext.remove(&event.sock_cookie) {
