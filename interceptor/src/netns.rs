@@ -1,35 +1,36 @@
 //! Sockets inside a pod's network namespace.
 //!
 //! A socket belongs to the network namespace of the thread that created it, for its whole
-//! life. Each enrolled pod gets one [`PodNetns`] thread that has joined the pod's namespace and
-//! does nothing but create sockets on request; binding, connecting and all I/O then happen on
-//! the agent's ordinary runtime threads.
+//! life. To make one in a pod's namespace, the calling thread joins that namespace with
+//! `setns`, calls `socket`, and joins its own namespace again: two cheap system calls, with
+//! nothing else running on the thread in between. Binding, connecting and all I/O then happen
+//! on the agent's ordinary runtime threads.
+//!
+//! Why not a helper thread per pod that lives in the pod's namespace and makes sockets on
+//! request: every socket would cost two cross-thread wake-ups and block a runtime thread while
+//! waiting, which dominated the cost of a new proxied connection (see BENCHMARKS.md).
 
 use std::{
+    cell::RefCell,
     fs::File,
     io,
     net::{Ipv4Addr, SocketAddr, SocketAddrV4},
     os::fd::{AsFd, AsRawFd, FromRawFd, IntoRawFd, OwnedFd},
     path::{Path, PathBuf},
-    sync::{Mutex, mpsc},
 };
 
 use nix::sched::{CloneFlags, setns};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 
-/// A request to the namespace thread: the socket type, and where to send the new socket.
-type SocketRequest = (libc::c_int, mpsc::Sender<io::Result<OwnedFd>>);
-
 /// A handle on a pod's network namespace that can create sockets in it.
 pub struct PodNetns {
     path: PathBuf,
     cookie: u64,
-    requests: Mutex<mpsc::Sender<SocketRequest>>,
+    file: File,
 }
 
 impl PodNetns {
-    /// Opens the namespace at `path` (for example `/run/netns/NAME` or `/proc/PID/ns/net`)
-    /// and starts its socket thread.
+    /// Opens the namespace at `path` (for example `/run/netns/NAME` or `/proc/PID/ns/net`).
     pub fn open(path: &Path) -> io::Result<Self> {
         let file = File::open(path).map_err(|e| {
             io::Error::new(
@@ -37,28 +38,19 @@ impl PodNetns {
                 format!("network namespace {}: {e}", path.display()),
             )
         })?;
-        let (requests, receiver) = mpsc::channel::<SocketRequest>();
-        let (ready_tx, ready_rx) = mpsc::channel();
-        std::thread::Builder::new()
-            .name(format!("netns-{}", path.display()))
-            .spawn(move || {
-                if let Err(e) = setns(file.as_fd(), CloneFlags::CLONE_NEWNET) {
-                    let _ = ready_tx.send(Err(io::Error::from(e)));
-                    return;
-                }
-                let _ = ready_tx.send(new_socket(libc::SOCK_STREAM).and_then(|s| netns_cookie(&s)));
-                for (socket_type, reply) in receiver {
-                    let _ = reply.send(new_socket(socket_type));
-                }
-            })?;
-        let cookie = ready_rx
-            .recv()
-            .map_err(|_| io::Error::other("network namespace thread exited"))??;
-        Ok(Self {
+        let mut netns = Self {
             path: path.to_owned(),
-            cookie,
-            requests: Mutex::new(requests),
-        })
+            cookie: 0,
+            file,
+        };
+        let probe = netns.socket(libc::SOCK_STREAM).map_err(|e| {
+            io::Error::new(
+                e.kind(),
+                format!("network namespace {}: {e}", path.display()),
+            )
+        })?;
+        netns.cookie = netns_cookie(&probe)?;
+        Ok(netns)
     }
 
     /// The namespace's path as given at enrollment.
@@ -79,14 +71,29 @@ impl PodNetns {
     }
 
     fn socket(&self, socket_type: libc::c_int) -> io::Result<OwnedFd> {
-        let (reply, response) = mpsc::channel();
-        let gone = || io::Error::other("network namespace thread exited");
-        self.requests
-            .lock()
-            .map_err(|_| io::Error::other("netns lock poisoned"))?
-            .send((socket_type, reply))
-            .map_err(|_| gone())?;
-        response.recv().map_err(|_| gone())?
+        HOME.with(|home| {
+            let mut home = home.borrow_mut();
+            if home.is_none() {
+                // First use on this thread, which is in its own namespace: every switch below
+                // is undone before returning.
+                *home = Some(File::open("/proc/thread-self/ns/net")?);
+            }
+            let home = home
+                .as_ref()
+                .ok_or_else(|| io::Error::other("no home netns"))?;
+            setns(self.file.as_fd(), CloneFlags::CLONE_NEWNET).map_err(io::Error::from)?;
+            let socket = new_socket(socket_type);
+            if let Err(e) = setns(home.as_fd(), CloneFlags::CLONE_NEWNET) {
+                // The thread would stay in the pod's namespace and later sockets would be made
+                // in the wrong place; that must never happen, so stop here.
+                tracing::error!(
+                    "cannot return to the agent's network namespace after {}: {e}",
+                    self.path.display()
+                );
+                std::process::abort();
+            }
+            socket
+        })
     }
 
     /// A listener bound in this namespace.
@@ -119,6 +126,11 @@ impl PodNetns {
             ))),
         }
     }
+}
+
+thread_local! {
+    /// The network namespace this thread lives in, opened on its first socket request.
+    static HOME: RefCell<Option<File>> = const { RefCell::new(None) };
 }
 
 fn new_socket(socket_type: libc::c_int) -> io::Result<OwnedFd> {
@@ -156,4 +168,29 @@ fn netns_cookie(socket: &OwnedFd) -> io::Result<u64> {
         return Err(io::Error::last_os_error());
     }
     Ok(cookie)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Needs root (setns), like the lab tests; CI runs as root.
+    #[test]
+    fn sockets_are_made_in_the_namespace_and_the_thread_comes_back() {
+        assert!(
+            nix::unistd::geteuid().is_root(),
+            "this test needs root (setns into a network namespace)"
+        );
+        let inode = |f: &File| {
+            use std::os::unix::fs::MetadataExt;
+            f.metadata().unwrap().ino()
+        };
+        let own = File::open("/proc/thread-self/ns/net").unwrap();
+        let netns = PodNetns::open(Path::new("/proc/self/ns/net")).unwrap();
+        let probe = new_socket(libc::SOCK_STREAM).unwrap();
+        assert_eq!(netns.cookie(), netns_cookie(&probe).unwrap());
+        let _socket = netns.tcp_socket().unwrap();
+        let after = File::open("/proc/thread-self/ns/net").unwrap();
+        assert_eq!(inode(&own), inode(&after));
+    }
 }

@@ -1,6 +1,7 @@
 //! Integration test support for interceptor: the lab (a multi-node cluster on one host) and
 //! the payload pattern shared by tests and the `lab-fixture` tool.
 
+pub mod bench;
 pub mod lab;
 pub mod pattern;
 pub mod scenario;

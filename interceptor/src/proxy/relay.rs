@@ -203,6 +203,120 @@ impl Half {
     }
 }
 
+/// A stream whose reads are served from a lent buffer filled by large reads.
+///
+/// rustls reads TLS records from its transport 4 KiB at a time, so a bulk transfer over a
+/// bare socket costs a system call (and often an ACK) per 4 KiB. Under TLS, this turns them
+/// into one read of up to a relay buffer. The buffer is borrowed from the relay pool only
+/// while it holds unread bytes, so an idle connection keeps none. Writes pass straight
+/// through.
+pub struct ReadAhead<S> {
+    inner: S,
+    buffer: Option<Box<[u8]>>,
+    pos: usize,
+    cap: usize,
+}
+
+impl<S> ReadAhead<S> {
+    /// Wraps a transport.
+    pub fn new(inner: S) -> Self {
+        Self {
+            inner,
+            buffer: None,
+            pos: 0,
+            cap: 0,
+        }
+    }
+
+    /// The wrapped transport.
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+
+    fn release(&mut self) {
+        if self.pos == self.cap
+            && let Some(buffer) = self.buffer.take()
+        {
+            self.pos = 0;
+            self.cap = 0;
+            give_buffer(buffer);
+        }
+    }
+}
+
+impl<S> Drop for ReadAhead<S> {
+    fn drop(&mut self) {
+        if let Some(buffer) = self.buffer.take() {
+            give_buffer(buffer);
+        }
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for ReadAhead<S> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        out: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if this.pos == this.cap {
+            let buffer = this.buffer.get_or_insert_with(take_buffer);
+            let mut read = ReadBuf::new(buffer);
+            match Pin::new(&mut this.inner).poll_read(cx, &mut read) {
+                Poll::Ready(Ok(())) => {
+                    this.pos = 0;
+                    this.cap = read.filled().len();
+                }
+                Poll::Ready(Err(e)) => {
+                    this.release();
+                    return Poll::Ready(Err(e));
+                }
+                Poll::Pending => {
+                    this.release();
+                    return Poll::Pending;
+                }
+            }
+        }
+        if let Some(buffer) = this.buffer.as_deref() {
+            let n = out.remaining().min(this.cap - this.pos);
+            out.put_slice(&buffer[this.pos..this.pos + n]);
+            this.pos += n;
+        }
+        this.release();
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for ReadAhead<S> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
+}
+
 /// Closes a TCP connection with a reset instead of a FIN, so the peer sees the failure at once.
 pub fn reset(stream: &TcpStream) {
     let _ = stream.set_zero_linger();
@@ -265,6 +379,26 @@ mod tests {
                 .is_pending()
         );
         assert!(forward.buffer.is_none() && backward.buffer.is_none());
+    }
+
+    #[tokio::test]
+    async fn read_ahead_serves_small_reads_from_one_large_read_and_keeps_nothing_idle() {
+        let (mut writer, reader) = duplex(1024 * 1024);
+        let payload: Vec<u8> = (0..100_000u32).map(|i| (i % 253) as u8).collect();
+        writer.write_all(&payload).await.unwrap();
+        drop(writer);
+        let mut ahead = ReadAhead::new(reader);
+        let mut received = Vec::new();
+        let mut chunk = [0u8; 4096];
+        loop {
+            let n = ahead.read(&mut chunk).await.unwrap();
+            if n == 0 {
+                break;
+            }
+            received.extend_from_slice(&chunk[..n]);
+        }
+        assert_eq!(received, payload);
+        assert!(ahead.buffer.is_none());
     }
 
     #[tokio::test]

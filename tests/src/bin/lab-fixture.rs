@@ -1,5 +1,7 @@
 //! Test servers and clients that run inside lab pods: an HTTP "position tracker", a byte sink
-//! that answers with a checksum after the caller half-closes, and clients that check them.
+//! that answers with a checksum after the caller half-closes, and clients that check them;
+//! and for the benchmarks an echo server and clients measuring request/response latency, new
+//! connections per second, and idle connections held open.
 
 use std::{
     io::{self, BufRead, BufReader, Read, Write},
@@ -67,6 +69,71 @@ enum Fixture {
         #[arg(long)]
         to: SocketAddr,
     },
+    /// Echo server for the benchmarks: sends back whatever it reads.
+    Echo {
+        /// Port to listen on (all addresses).
+        #[arg(long)]
+        port: u16,
+        /// Serve connections on this many threads, one connection at a time each; 0 starts a
+        /// thread per connection (for many long-held connections).
+        #[arg(long, default_value_t = 0)]
+        workers: usize,
+        /// Echo exactly this many bytes, then close (the server closes first, so TIME_WAIT
+        /// stays on the server and a fast client never runs out of ports).
+        #[arg(long)]
+        once: Option<usize>,
+    },
+    /// Request/response latency on one held connection to an echo server; prints JSON with
+    /// percentiles in microseconds.
+    Rr {
+        /// Destination (an echo server).
+        #[arg(long)]
+        to: SocketAddr,
+        /// Message size in bytes, each way.
+        #[arg(long)]
+        size: usize,
+        /// Measured round trips (at most).
+        #[arg(long)]
+        count: usize,
+        /// Unmeasured round trips first.
+        #[arg(long, default_value_t = 1000)]
+        warmup: usize,
+        /// Stop after this many milliseconds even if `count` is not reached.
+        #[arg(long, default_value_t = 10_000)]
+        max_ms: u64,
+    },
+    /// New connections per second: each connection sends one request to an `echo --once`
+    /// server, reads the answer and the server's close. Prints JSON.
+    ConnRate {
+        /// Destination (an `echo --once <size>` server).
+        #[arg(long)]
+        to: SocketAddr,
+        /// Request and response size.
+        #[arg(long)]
+        size: usize,
+        /// Client threads, each with one connection at a time.
+        #[arg(long)]
+        threads: usize,
+        /// Run this many milliseconds (at most).
+        #[arg(long)]
+        duration_ms: u64,
+        /// Stop after this many connections in all (at most).
+        #[arg(long)]
+        max: u64,
+    },
+    /// Opens connections to an echo server, checks each with a one-byte round trip, prints
+    /// "ready <n>", and holds them until stdin closes or the time limit passes.
+    Hold {
+        /// Destination (an echo server that serves a thread per connection).
+        #[arg(long)]
+        to: SocketAddr,
+        /// How many connections.
+        #[arg(long)]
+        connections: usize,
+        /// Hold at most this many milliseconds.
+        #[arg(long)]
+        max_ms: u64,
+    },
 }
 
 const IO_TIMEOUT: Duration = Duration::from_secs(60);
@@ -98,6 +165,30 @@ fn main() -> anyhow::Result<()> {
             println!("{outcome} {}", started.elapsed().as_millis());
             Ok(())
         }
+        Fixture::Echo {
+            port,
+            workers,
+            once,
+        } => echo_server(port, workers, once),
+        Fixture::Rr {
+            to,
+            size,
+            count,
+            warmup,
+            max_ms,
+        } => rr(to, size, count, warmup, Duration::from_millis(max_ms)),
+        Fixture::ConnRate {
+            to,
+            size,
+            threads,
+            duration_ms,
+            max,
+        } => conn_rate(to, size, threads, Duration::from_millis(duration_ms), max),
+        Fixture::Hold {
+            to,
+            connections,
+            max_ms,
+        } => hold(to, connections, Duration::from_millis(max_ms)),
     }
 }
 
@@ -286,5 +377,243 @@ fn probe(to: SocketAddr) -> &'static str {
         Err(e) if e.kind() == io::ErrorKind::ConnectionReset => "reset",
         Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => "refused",
         Err(_) => "timeout",
+    }
+}
+
+fn echo_server(port: u16, workers: usize, once: Option<usize>) -> anyhow::Result<()> {
+    raise_fd_limit();
+    let listener = TcpListener::bind(("0.0.0.0", port))?;
+    println!("listening on {port}");
+    io::stdout().flush()?;
+    let handle = move |stream: TcpStream| {
+        let _ = stream.set_nodelay(true);
+        let _ = stream.set_read_timeout(Some(IO_TIMEOUT));
+        let _ = match once {
+            Some(size) => echo_once(stream, size),
+            None => echo(stream),
+        };
+    };
+    if workers == 0 {
+        for stream in listener.incoming() {
+            let stream = stream?;
+            std::thread::spawn(move || handle(stream));
+        }
+        return Ok(());
+    }
+    let threads: Vec<_> = (0..workers)
+        .map(|_| {
+            let listener = listener.try_clone()?;
+            Ok(std::thread::spawn(move || {
+                for stream in listener.incoming().flatten() {
+                    handle(stream);
+                }
+            }))
+        })
+        .collect::<io::Result<_>>()?;
+    for thread in threads {
+        let _ = thread.join();
+    }
+    Ok(())
+}
+
+fn echo(mut stream: TcpStream) -> io::Result<()> {
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let n = stream.read(&mut buf)?;
+        if n == 0 {
+            return Ok(());
+        }
+        stream.write_all(&buf[..n])?;
+    }
+}
+
+fn echo_once(mut stream: TcpStream, size: usize) -> io::Result<()> {
+    let mut buf = vec![0u8; size];
+    stream.read_exact(&mut buf)?;
+    stream.write_all(&buf)?;
+    // Dropping the stream closes it: the server sends the first FIN.
+    Ok(())
+}
+
+/// Connects with the benchmark's socket options.
+fn bench_connect(to: SocketAddr) -> io::Result<TcpStream> {
+    let stream = TcpStream::connect_timeout(&to, Duration::from_secs(5))?;
+    stream.set_nodelay(true)?;
+    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    stream.set_write_timeout(Some(Duration::from_secs(10)))?;
+    Ok(stream)
+}
+
+fn round_trip(stream: &mut TcpStream, out: &[u8], back: &mut [u8]) -> io::Result<()> {
+    stream.write_all(out)?;
+    stream.read_exact(back)
+}
+
+fn rr(
+    to: SocketAddr,
+    size: usize,
+    count: usize,
+    warmup: usize,
+    max: Duration,
+) -> anyhow::Result<()> {
+    anyhow::ensure!(size > 0, "--size must be at least 1");
+    let mut stream = bench_connect(to)?;
+    let out = vec![0x5au8; size];
+    let mut back = vec![0u8; size];
+    let started = Instant::now();
+    for _ in 0..warmup {
+        if started.elapsed() > max / 4 {
+            break;
+        }
+        round_trip(&mut stream, &out, &mut back)?;
+    }
+    let mut samples: Vec<u64> = Vec::with_capacity(count);
+    let measuring = Instant::now();
+    while samples.len() < count && started.elapsed() < max {
+        let t = Instant::now();
+        round_trip(&mut stream, &out, &mut back)?;
+        samples.push(t.elapsed().as_nanos() as u64);
+    }
+    let elapsed = measuring.elapsed().as_secs_f64();
+    anyhow::ensure!(!samples.is_empty(), "no round trip finished in time");
+    anyhow::ensure!(back == out, "echo returned different bytes");
+    samples.sort_unstable();
+    let pct = |p: f64| {
+        let rank = ((p / 100.0) * samples.len() as f64).ceil() as usize;
+        samples[rank.clamp(1, samples.len()) - 1] as f64 / 1000.0
+    };
+    let mean = samples.iter().sum::<u64>() as f64 / samples.len() as f64 / 1000.0;
+    println!(
+        "{{\"samples\":{},\"secs\":{elapsed:.3},\"min_us\":{:.2},\"p50_us\":{:.2},\"p90_us\":{:.2},\"p99_us\":{:.2},\"max_us\":{:.2},\"mean_us\":{mean:.2}}}",
+        samples.len(),
+        pct(0.0),
+        pct(50.0),
+        pct(90.0),
+        pct(99.0),
+        pct(100.0),
+    );
+    Ok(())
+}
+
+fn conn_rate(
+    to: SocketAddr,
+    size: usize,
+    threads: usize,
+    duration: Duration,
+    max: u64,
+) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        size > 0 && threads > 0,
+        "--size and --threads must be positive"
+    );
+    let done = std::sync::Arc::new(AtomicU64::new(0));
+    let errors = std::sync::Arc::new(AtomicU64::new(0));
+    let started = Instant::now();
+    let deadline = started + duration;
+    let workers: Vec<_> = (0..threads)
+        .map(|_| {
+            let (done, errors) = (done.clone(), errors.clone());
+            std::thread::spawn(move || -> (Vec<u64>, Option<String>) {
+                let out = vec![0x42u8; size];
+                let mut back = vec![0u8; size];
+                let mut rest = [0u8; 1];
+                let mut last_error = None;
+                let mut times = Vec::new();
+                while Instant::now() < deadline && done.load(Ordering::Relaxed) < max {
+                    let started = Instant::now();
+                    let result = bench_connect(to).and_then(|mut stream| {
+                        round_trip(&mut stream, &out, &mut back)?;
+                        // Wait for the server's close, so the server holds TIME_WAIT.
+                        match stream.read(&mut rest)? {
+                            0 => Ok(()),
+                            _ => Err(io::Error::other("server sent more than the answer")),
+                        }
+                    });
+                    match result {
+                        Ok(()) => {
+                            done.fetch_add(1, Ordering::Relaxed);
+                            times.push(started.elapsed().as_nanos() as u64);
+                        }
+                        Err(e) => {
+                            last_error = Some(e.to_string());
+                            // Many failures mean the path is broken: stop early.
+                            if errors.fetch_add(1, Ordering::Relaxed) >= 100 {
+                                break;
+                            }
+                        }
+                    }
+                }
+                (times, last_error)
+            })
+        })
+        .collect();
+    let mut times = Vec::new();
+    let mut last_error = None;
+    for worker in workers {
+        if let Ok((mut worker_times, error)) = worker.join() {
+            times.append(&mut worker_times);
+            last_error = error.or(last_error);
+        }
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    let (done, errors) = (done.load(Ordering::Relaxed), errors.load(Ordering::Relaxed));
+    times.sort_unstable();
+    let pct = |p: f64| {
+        let rank = ((p / 100.0) * times.len() as f64).ceil() as usize;
+        times
+            .get(rank.clamp(1, times.len().max(1)) - 1)
+            .map_or(0.0, |&t| t as f64 / 1000.0)
+    };
+    println!(
+        "{{\"connections\":{done},\"errors\":{errors},\"secs\":{elapsed:.3},\"per_sec\":{:.1},\"p50_us\":{:.1},\"p99_us\":{:.1},\"last_error\":{}}}",
+        done as f64 / elapsed,
+        pct(50.0),
+        pct(99.0),
+        last_error.map_or("null".to_owned(), |e| format!("{e:?}")),
+    );
+    Ok(())
+}
+
+fn hold(to: SocketAddr, connections: usize, max: Duration) -> anyhow::Result<()> {
+    raise_fd_limit();
+    let started = Instant::now();
+    let mut held = Vec::with_capacity(connections);
+    for i in 0..connections {
+        anyhow::ensure!(
+            started.elapsed() < max,
+            "only {i} of {connections} connections opened in time"
+        );
+        let mut stream = bench_connect(to)?;
+        let mut back = [0u8; 1];
+        round_trip(&mut stream, b"h", &mut back)?;
+        held.push(stream);
+    }
+    println!("ready {}", held.len());
+    io::stdout().flush()?;
+    // Hold until the parent closes stdin, bounded by the time limit.
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut sink = Vec::new();
+        let _ = io::stdin().read_to_end(&mut sink);
+        let _ = tx.send(());
+    });
+    let _ = rx.recv_timeout(max.saturating_sub(started.elapsed()));
+    drop(held);
+    Ok(())
+}
+
+/// Lifts the soft open-files limit to the hard one, for servers and clients holding many
+/// connections.
+fn raise_fd_limit() {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: plain getrlimit/setrlimit with a valid out-pointer.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 {
+            limit.rlim_cur = limit.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
+        }
     }
 }
