@@ -174,7 +174,7 @@ pub fn server_config(
     bundle: &TrustBundle,
     cert: &WorkloadCert,
 ) -> Result<Arc<ServerConfig>, TlsError> {
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let provider = Arc::new(mesh_provider());
     let verifier = MeshClientVerifier::new(bundle, Arc::clone(&provider))?;
     let mut config = ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])?
@@ -193,7 +193,7 @@ pub fn client_config(
     bundle: &TrustBundle,
     cert: &WorkloadCert,
 ) -> Result<Arc<ClientConfig>, TlsError> {
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let provider = Arc::new(mesh_provider());
     let verifier = MeshServerVerifier {
         roots: bundle.root_store(),
         algorithms: provider.signature_verification_algorithms,
@@ -206,6 +206,16 @@ pub fn client_config(
     config.alpn_protocols = vec![ALPN_PROTOCOL.to_vec()];
     config.resumption = Resumption::in_memory_sessions(CLIENT_SESSION_CACHE_SIZE);
     Ok(Arc::new(config))
+}
+
+/// ring's provider with AES-128-GCM/SHA-256 first: the handshake hash then uses SHA-256,
+/// which has hardware support on common CPUs, where SHA-384 runs in software.
+fn mesh_provider() -> CryptoProvider {
+    let mut provider = rustls::crypto::ring::default_provider();
+    provider
+        .cipher_suites
+        .sort_by_key(|suite| suite.suite() != rustls::CipherSuite::TLS13_AES_128_GCM_SHA256);
+    provider
 }
 
 /// A workload's client and server configurations, replaced together when its
@@ -716,6 +726,27 @@ mod tests {
             Some(HandshakeKind::Full),
             "no session may outlive a renewal"
         );
+    }
+
+    #[tokio::test]
+    async fn aes_128_gcm_sha256_is_negotiated() {
+        let ca = Ca::generate(TRUST_DOMAIN).unwrap();
+        let (server_id, server_cert) = issue(&ca, "payments");
+        let (_, client_cert) = issue(&ca, "checkout");
+        let (_, client) = handshake(
+            &server_tls(&ca, &server_cert),
+            &client_tls(&ca, &client_cert),
+            &server_id,
+        )
+        .await;
+        let suite = client
+            .unwrap()
+            .0
+            .get_ref()
+            .1
+            .negotiated_cipher_suite()
+            .unwrap();
+        assert_eq!(suite.suite(), rustls::CipherSuite::TLS13_AES_128_GCM_SHA256);
     }
 
     #[tokio::test]

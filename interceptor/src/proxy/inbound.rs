@@ -41,18 +41,19 @@ pub(super) async fn handle(
         destination_workload: Some(pod.workload.clone()),
         security: Security::MutualTls,
     };
-    let (mut tunnel, client) = match tls::accept(pod.tls.server(), stream).await {
-        Ok(accepted) => accepted,
-        Err(e) => {
-            debug!(workload = %pod.workload, %peer, "tunnel handshake refused: {e}");
-            shared.records.refused(
-                conn,
-                Verdict::Dropped,
-                format!("mutual TLS handshake refused: {e}"),
-            );
-            return;
-        }
-    };
+    let (mut tunnel, client) =
+        match tls::accept(pod.tls.server(), relay::ReadAhead::new(stream)).await {
+            Ok(accepted) => accepted,
+            Err(e) => {
+                debug!(workload = %pod.workload, %peer, "tunnel handshake refused: {e}");
+                shared.records.refused(
+                    conn,
+                    Verdict::Dropped,
+                    format!("mutual TLS handshake refused: {e}"),
+                );
+                return;
+            }
+        };
     conn.source_identity = Some(client.to_string());
     conn.source_workload = shared
         .directory
@@ -103,7 +104,7 @@ pub(super) async fn handle(
             .close(id, moved.to_destination, moved.to_caller, None),
         Err(e) => {
             relay::reset(&app);
-            relay::reset(tunnel.get_ref().0);
+            relay::reset(tunnel.get_ref().0.get_ref());
             shared.records.close(id, 0, 0, Some(format!("relay: {e}")));
         }
     }

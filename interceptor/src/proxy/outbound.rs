@@ -79,7 +79,13 @@ async fn mutual_tls(
     let mut tunnel = tunnel;
     let id = shared.records.open(conn);
     let result = relay::relay(client, &mut tunnel).await;
-    finish(shared, id, client, Some(tunnel.get_ref().0), result);
+    finish(
+        shared,
+        id,
+        client,
+        Some(tunnel.get_ref().0.get_ref()),
+        result,
+    );
 }
 
 /// Connects to the destination agent, verifies it is the destination workload, and asks it to
@@ -88,7 +94,7 @@ async fn open_tunnel(
     destination: SocketAddrV4,
     entry: &DirectoryEntry,
     pod: &PodProxy,
-) -> Result<tokio_rustls::client::TlsStream<TcpStream>, String> {
+) -> Result<tokio_rustls::client::TlsStream<relay::ReadAhead<TcpStream>>, String> {
     let expected = entry
         .identity
         .parse()
@@ -98,9 +104,10 @@ async fn open_tunnel(
         .connect(SocketAddrV4::new(*destination.ip(), TUNNEL_PORT))
         .await
         .map_err(|e| format!("connecting to the destination agent: {e}"))?;
-    let (mut tunnel, _server) = tls::connect(pod.tls.client(), &expected, tcp)
-        .await
-        .map_err(|e| format!("mutual TLS with the destination agent: {e}"))?;
+    let (mut tunnel, _server) =
+        tls::connect(pod.tls.client(), &expected, relay::ReadAhead::new(tcp))
+            .await
+            .map_err(|e| format!("mutual TLS with the destination agent: {e}"))?;
     header::write_request(&mut tunnel, destination.port())
         .await
         .map_err(|e| format!("tunnel request: {e}"))?;
