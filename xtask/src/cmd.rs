@@ -69,6 +69,69 @@ pub fn run(cmd: &mut Command) -> Result<()> {
     Ok(())
 }
 
+/// Test counts summed over every `test result:` line of cargo test output.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TestCounts {
+    /// Tests that passed.
+    pub passed: u64,
+    /// Tests that failed.
+    pub failed: u64,
+}
+
+impl TestCounts {
+    /// Adds the counts of one `test result: ok. 3 passed; 1 failed; ...` line, if it is one.
+    pub fn add_line(&mut self, line: &str) {
+        let Some(rest) = line.trim_start().strip_prefix("test result: ") else {
+            return;
+        };
+        for part in rest.split(';') {
+            let mut words = part.split_whitespace().rev();
+            let (Some(label), Some(number)) = (words.next(), words.next()) else {
+                continue;
+            };
+            let Ok(number) = number.parse::<u64>() else {
+                continue;
+            };
+            match label {
+                "passed" => self.passed += number,
+                "failed" => self.failed += number,
+                _ => {}
+            }
+        }
+    }
+}
+
+/// Like [`run`], echoing stdout line by line and summing the `test result:` lines in it.
+pub fn run_counting_tests(cmd: &mut Command) -> (Result<()>, TestCounts) {
+    use std::io::{BufRead, BufReader, Write};
+    let line = display(cmd);
+    let mut counts = TestCounts::default();
+    let child = cmd.stdin(Stdio::null()).stdout(Stdio::piped()).spawn();
+    let mut child = match child {
+        Ok(child) => child,
+        Err(e) => {
+            return (
+                Err(anyhow::anyhow!("could not start `{line}`: {e}")),
+                counts,
+            );
+        }
+    };
+    if let Some(stdout) = child.stdout.take() {
+        for text in BufReader::new(stdout).lines().map_while(Result::ok) {
+            counts.add_line(&text);
+            let mut out = std::io::stdout().lock();
+            let _ = writeln!(out, "{text}");
+            let _ = out.flush();
+        }
+    }
+    let result = match child.wait() {
+        Ok(status) if status.success() => Ok(()),
+        Ok(status) => Err(anyhow::anyhow!("`{line}` failed ({status})")),
+        Err(e) => Err(anyhow::anyhow!("`{line}`: {e}")),
+    };
+    (result, counts)
+}
+
 /// Runs `cmd` and returns its stdout; fails (with its stderr) on a non-zero exit.
 pub fn output(cmd: &mut Command) -> Result<String> {
     let line = display(cmd);
@@ -94,4 +157,29 @@ pub fn find_in_path(name: &str) -> Option<PathBuf> {
         p.metadata()
             .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
     })
+}
+
+#[cfg(test)]
+mod counting_tests {
+    use super::TestCounts;
+
+    #[test]
+    fn sums_cargo_test_result_lines() {
+        let mut counts = TestCounts::default();
+        for line in [
+            "test result: ok. 124 passed; 0 failed; 0 ignored; 0 measured; 0 filtered out; finished in 0.04s",
+            "running 3 tests",
+            "test result: FAILED. 2 passed; 1 failed; 0 ignored; 0 measured; 5 filtered out; finished in 1.0s",
+            "test a_test_named_test_result ... ok",
+        ] {
+            counts.add_line(line);
+        }
+        assert_eq!(
+            counts,
+            TestCounts {
+                passed: 126,
+                failed: 1
+            }
+        );
+    }
 }
