@@ -71,19 +71,8 @@ pub fn run(command: CaCommand) -> anyhow::Result<()> {
             let identity = Identity::new(ca.trust_domain(), &namespace, &service_account)
                 .context("--namespace/--service-account")?;
             let cert = ca.issue(&identity, Duration::from_secs(validity_hours * 3600))?;
-            let chain: String = cert
-                .chain
-                .iter()
-                .map(|der| pem("CERTIFICATE", der.as_ref()))
-                .collect();
-            write_new(&cert_out, chain.as_bytes(), 0o644)
-                .with_context(|| format!("--cert-out {}", cert_out.display()))?;
-            write_new(
-                &key_out,
-                pem("PRIVATE KEY", cert.key.secret_der()).as_bytes(),
-                0o600,
-            )
-            .with_context(|| format!("--key-out {}", key_out.display()))?;
+            cert.write_pem(&cert_out, &key_out)
+                .context("--cert-out/--key-out")?;
             println!(
                 "issued {identity} to {} (key {})",
                 cert_out.display(),
@@ -94,93 +83,49 @@ pub fn run(command: CaCommand) -> anyhow::Result<()> {
     }
 }
 
-/// Creates `path` with `mode` and writes `contents`, refusing to overwrite anything.
-fn write_new(path: &std::path::Path, contents: &[u8], mode: u32) -> std::io::Result<()> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let mut file = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(mode)
-        .open(path)?;
-    file.write_all(contents)?;
-    file.sync_all()
-}
-
-/// One PEM block: the label and the base64 of `der` in 64-column lines.
-fn pem(label: &str, der: &[u8]) -> String {
-    let encoded = base64(der);
-    let mut out = format!("-----BEGIN {label}-----\n");
-    for line in encoded.as_bytes().chunks(64) {
-        // base64 output is ASCII, so every chunk is valid UTF-8.
-        out.push_str(std::str::from_utf8(line).unwrap_or_default());
-        out.push('\n');
-    }
-    out.push_str(&format!("-----END {label}-----\n"));
-    out
-}
-
-/// Standard base64 with padding (RFC 4648 section 4).
-fn base64(bytes: &[u8]) -> String {
-    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    let mut out = String::with_capacity(bytes.len().div_ceil(3) * 4);
-    for chunk in bytes.chunks(3) {
-        let b = [
-            chunk[0],
-            chunk.get(1).copied().unwrap_or(0),
-            chunk.get(2).copied().unwrap_or(0),
-        ];
-        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
-        for i in 0..4 {
-            if i <= chunk.len() {
-                out.push(ALPHABET[(n >> (18 - 6 * i) & 63) as usize] as char);
-            } else {
-                out.push('=');
-            }
-        }
-    }
-    out
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
-    fn base64_matches_rfc4648_vectors() {
-        let cases = [
-            ("", ""),
-            ("f", "Zg=="),
-            ("fo", "Zm8="),
-            ("foo", "Zm9v"),
-            ("foob", "Zm9vYg=="),
-            ("fooba", "Zm9vYmE="),
-            ("foobar", "Zm9vYmFy"),
-        ];
-        for (input, expected) in cases {
-            assert_eq!(base64(input.as_bytes()), expected, "{input:?}");
-        }
-    }
-
-    #[test]
-    fn issued_pem_parses_back() {
-        let ca = Ca::generate("cluster.local").unwrap();
-        let identity = Identity::new("cluster.local", "default", "sleep").unwrap();
-        let cert = ca.issue(&identity, Duration::from_secs(3600)).unwrap();
-        let chain: String = cert
-            .chain
-            .iter()
-            .map(|der| pem("CERTIFICATE", der.as_ref()))
-            .collect();
-        let parsed: Vec<_> = rustls_pemfile::certs(&mut chain.as_bytes())
-            .collect::<Result<_, _>>()
-            .unwrap();
-        assert_eq!(parsed, cert.chain);
-        let key_pem = pem("PRIVATE KEY", cert.key.secret_der());
-        let key = rustls_pemfile::private_key(&mut key_pem.as_bytes())
+    fn issued_pem_parses_back_and_is_never_overwritten() {
+        let dir = std::env::temp_dir().join(format!("icpt-ca-issue-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        Ca::init(&dir, "cluster.local").unwrap();
+        let issue = || {
+            run(CaCommand::Issue {
+                dir: dir.clone(),
+                namespace: "default".into(),
+                service_account: "sleep".into(),
+                validity_hours: 1,
+                cert_out: dir.join("sleep.pem"),
+                key_out: dir.join("sleep-key.pem"),
+            })
+        };
+        issue().unwrap();
+        let chain: Vec<_> =
+            rustls_pemfile::certs(&mut &std::fs::read(dir.join("sleep.pem")).unwrap()[..])
+                .collect::<Result<_, _>>()
+                .unwrap();
+        assert_eq!(chain.len(), 2);
+        assert_eq!(
+            Identity::from_certificate(&chain[0]).unwrap().to_string(),
+            "spiffe://cluster.local/ns/default/sa/sleep"
+        );
+        let key = std::fs::read(dir.join("sleep-key.pem")).unwrap();
+        assert!(
+            rustls_pemfile::private_key(&mut &key[..])
+                .unwrap()
+                .is_some()
+        );
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(dir.join("sleep-key.pem"))
             .unwrap()
-            .unwrap();
-        assert_eq!(key.secret_der(), cert.key.secret_der());
-        assert!(key_pem.lines().all(|line| line.len() <= 64));
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+        let error = format!("{:#}", issue().unwrap_err());
+        assert!(error.contains("--cert-out"), "{error}");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

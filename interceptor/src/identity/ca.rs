@@ -48,6 +48,21 @@ impl WorkloadCert {
     pub fn leaf(&self) -> &CertificateDer<'static> {
         &self.chain[0]
     }
+
+    /// Writes the chain (leaf first) and the PKCS#8 key as PEM files, for tools outside the
+    /// mesh; the key file is 0600 and neither file may exist yet.
+    pub fn write_pem(&self, cert_path: &Path, key_path: &Path) -> Result<(), IdentityError> {
+        let chain: Vec<pem::Pem> = self
+            .chain
+            .iter()
+            .map(|der| pem::Pem::new("CERTIFICATE", der.to_vec()))
+            .collect();
+        let key = pem::Pem::new("PRIVATE KEY", self.key.secret_der().to_vec());
+        write_new_file(cert_path, pem::encode_many(&chain).as_bytes(), 0o644)
+            .map_err(io_error("writing", cert_path))?;
+        write_new_file(key_path, pem::encode(&key).as_bytes(), 0o600)
+            .map_err(io_error("writing", key_path))
+    }
 }
 
 impl Clone for WorkloadCert {
