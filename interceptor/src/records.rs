@@ -366,23 +366,24 @@ fn own_workload(record: &ConnectionRecord) -> Option<WorkloadKey> {
 }
 
 fn edge_labels(record: &ConnectionRecord) -> EdgeLabels {
-    let name = |w: &Option<WorkloadKey>| w.as_ref().map_or_else(unknown, |w| w.name.clone());
-    let namespace =
-        |w: &Option<WorkloadKey>| w.as_ref().map_or_else(unknown, |w| w.namespace.clone());
+    let (source_workload, source_workload_namespace) =
+        workload_labels(record.connection.source_workload.as_ref());
+    let (destination_workload, destination_workload_namespace) =
+        workload_labels(record.connection.destination_workload.as_ref());
     EdgeLabels {
         reporter: match record.connection.direction {
             Direction::Inbound => "destination",
             Direction::Outbound => "source",
         },
-        source_workload: name(&record.connection.source_workload),
-        source_workload_namespace: namespace(&record.connection.source_workload),
+        source_workload,
+        source_workload_namespace,
         source_principal: record
             .connection
             .source_identity
             .clone()
             .unwrap_or_else(unknown),
-        destination_workload: name(&record.connection.destination_workload),
-        destination_workload_namespace: namespace(&record.connection.destination_workload),
+        destination_workload,
+        destination_workload_namespace,
         destination_principal: record
             .connection
             .destination_identity
@@ -401,12 +402,21 @@ fn drop_labels(record: &ConnectionRecord) -> DropLabels {
         (Verdict::Dropped, Security::MutualTls) => "handshake_refused",
         _ => "failed",
     };
-    let destination = record.connection.destination_workload.as_ref();
+    let (destination_workload, destination_workload_namespace) =
+        workload_labels(record.connection.destination_workload.as_ref());
     DropLabels {
         reason,
-        destination_workload: destination.map_or_else(unknown, |w| w.name.clone()),
-        destination_workload_namespace: destination.map_or_else(unknown, |w| w.namespace.clone()),
+        destination_workload,
+        destination_workload_namespace,
     }
+}
+
+/// (workload name, namespace) label values, `unknown` outside the mesh.
+fn workload_labels(workload: Option<&WorkloadKey>) -> (String, String) {
+    workload.map_or_else(
+        || (unknown(), unknown()),
+        |w| (w.name.clone(), w.namespace.clone()),
+    )
 }
 
 fn unknown() -> String {

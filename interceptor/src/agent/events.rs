@@ -62,13 +62,13 @@ fn drain(ring: &mut RingBuf<MapData>) -> Vec<KernelEvent> {
 async fn record(agent: &Agent, event: &KernelEvent, open_plaintext: &mut HashMap<u64, u64>) {
     let local = Ipv4Addr::from(u32::from_be(event.local_ip4));
     let remote = Ipv4Addr::from(u32::from_be(event.remote_ip4));
-    let Some((workload, identity)) = agent.workload_at(local).await else {
+    let Some((spec, identity)) = agent.workload_at(local).await else {
         return;
     };
-    let decision = match agent.spec_of(&workload).await {
-        Some(spec) => agent.decision_for(&spec, event.local_port),
-        None => return,
-    };
+    let decision = agent
+        .effective_policy(&spec)
+        .for_port(event.local_port)
+        .clone();
     let conn = Connection {
         direction: Direction::Inbound,
         source: SocketAddr::V4(SocketAddrV4::new(remote, event.remote_port)),
@@ -76,7 +76,7 @@ async fn record(agent: &Agent, event: &KernelEvent, open_plaintext: &mut HashMap
         source_workload: None,
         destination: SocketAddr::V4(SocketAddrV4::new(local, event.local_port)),
         destination_identity: Some(identity),
-        destination_workload: Some(workload),
+        destination_workload: Some(spec.key()),
         security: Security::Plaintext,
     };
     let records = agent.records();

@@ -24,7 +24,7 @@ use crate::{
     policy::PolicySet,
     proxy::ProxyShared,
     records::RecordStore,
-    workloads::WorkloadKey,
+    workloads::{WorkloadKey, WorkloadSpec},
 };
 
 pub use policy_sync::PolicyReport;
@@ -164,14 +164,14 @@ impl Agent {
         }
     }
 
-    /// The enrolled workload that owns `ip`, if any.
-    pub async fn workload_at(&self, ip: Ipv4Addr) -> Option<(WorkloadKey, String)> {
+    /// The enrolled workload that owns `ip`, if any, with its identity.
+    pub async fn workload_at(&self, ip: Ipv4Addr) -> Option<(WorkloadSpec, String)> {
         self.workloads
             .lock()
             .await
-            .iter()
-            .find(|(_, running)| running.ip == ip)
-            .map(|(key, running)| (key.clone(), running.identity.to_string()))
+            .values()
+            .find(|running| running.ip == ip)
+            .map(|running| (running.spec.clone(), running.identity.to_string()))
     }
 
     fn policy_set(&self) -> PolicySet {

@@ -14,7 +14,7 @@ use tracing::{info, warn};
 use super::{Agent, AgentConfig};
 use crate::{
     policy::{self, Decision, EffectivePolicy, Mode, PeerAuthentication, PolicySet, WorkloadRef},
-    workloads::{WorkloadKey, WorkloadSpec},
+    workloads::WorkloadSpec,
 };
 
 /// How often the policy directory is checked for changes.
@@ -120,11 +120,7 @@ impl Agent {
             for object in batch.iter() {
                 applied.retain(|p| (&p.namespace, &p.name) != (&object.namespace, &object.name));
             }
-            // Validate the batch on its own first: duplicates inside it are an error.
-            state
-                .active
-                .with_applied(batch.clone())
-                .map_err(|e| e.to_string())?;
+            // Duplicates inside the batch stay duplicates in `applied`, which `combine` refuses.
             applied.extend(batch);
             let active = combine(state.active.root_namespace(), &state.from_dir, &applied)
                 .map_err(|e| e.to_string())?;
@@ -189,16 +185,6 @@ impl Agent {
                 warn!(workload = %running.spec.key(), "updating kernel modes: {e}");
             }
         }
-    }
-
-    /// The policy that decided a port of the workload at `key`, for records.
-    pub fn decision_for(&self, spec: &WorkloadSpec, port: u16) -> Decision {
-        self.effective_policy(spec).for_port(port).clone()
-    }
-
-    /// The spec of an enrolled workload.
-    pub async fn spec_of(&self, key: &WorkloadKey) -> Option<WorkloadSpec> {
-        self.workloads.lock().await.get(key).map(|w| w.spec.clone())
     }
 }
 

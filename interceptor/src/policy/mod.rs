@@ -249,6 +249,20 @@ fn join_lines(errors: &[PolicyError]) -> String {
 }
 
 #[cfg(test)]
+impl PolicyError {
+    /// The field of every error, all of which must be `Invalid`.
+    pub(crate) fn invalid_fields(&self) -> Vec<&str> {
+        self.errors()
+            .iter()
+            .map(|error| match error {
+                PolicyError::Invalid { field, .. } => field.as_str(),
+                other => panic!("{other}"),
+            })
+            .collect()
+    }
+}
+
+#[cfg(test)]
 mod tests {
     use super::*;
 

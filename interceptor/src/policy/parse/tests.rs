@@ -504,14 +504,7 @@ spec:
       mode: STRICT
 ";
     let error = parse_err(text);
-    let fields: Vec<&str> = error
-        .errors()
-        .iter()
-        .map(|error| match error {
-            PolicyError::Invalid { field, .. } => field.as_str(),
-            other => panic!("{other}"),
-        })
-        .collect();
+    let fields = error.invalid_fields();
     assert_eq!(
         fields,
         [

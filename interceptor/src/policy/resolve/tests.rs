@@ -507,14 +507,7 @@ fn with_applied_rejects_invalid_objects_built_in_code() {
     let error = PolicySet::default()
         .with_applied(vec![nameless, zero_port])
         .unwrap_err();
-    let fields: Vec<&str> = error
-        .errors()
-        .iter()
-        .map(|error| match error {
-            PolicyError::Invalid { field, .. } => field.as_str(),
-            other => panic!("{other}"),
-        })
-        .collect();
+    let fields = error.invalid_fields();
     assert_eq!(
         fields,
         [
