@@ -26,6 +26,24 @@ pub fn ensure_cargo_bin_on_path() {
     }
 }
 
+/// Puts `dir` first on this process's `PATH` (and so on every child's).
+pub fn prepend_to_path(dir: &Path) {
+    let path = env::var_os("PATH").unwrap_or_default();
+    let mut dirs = vec![dir.to_path_buf()];
+    dirs.extend(env::split_paths(&path).filter(|p| p != dir));
+    if let Ok(joined) = env::join_paths(dirs) {
+        // SAFETY: xtask is single-threaded; setup runs before any child or thread exists.
+        unsafe { env::set_var("PATH", joined) };
+    }
+}
+
+/// Cargo's target directory for this workspace (`CARGO_TARGET_DIR` or `<root>/target`).
+pub fn target_dir() -> PathBuf {
+    env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo_root().join("target"))
+}
+
 /// The workspace root (the parent of the xtask crate).
 pub fn repo_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))

@@ -42,7 +42,7 @@ pub fn test(test_args: &[String]) -> Result<()> {
     }
     let linted = step("clippy", &mut clippy_host_cmd());
     results.push(("clippy", outcome(&linted)));
-    let linted = step("clippy (eBPF)", &mut clippy_ebpf_cmd());
+    let linted = clippy_ebpf_cmd().and_then(|mut clippy| step("clippy (eBPF)", &mut clippy));
     results.push(("clippy (eBPF)", outcome(&linted)));
     let formatted = step("fmt", &mut fmt_cmd());
     results.push(("fmt", outcome(&formatted)));
@@ -134,10 +134,12 @@ fn clippy_host_cmd() -> Command {
     ])
 }
 
-/// Clippy on the eBPF crate for its real target (on the host target it cannot even compile).
-fn clippy_ebpf_cmd() -> Command {
-    cmd::cargo([
-        "+nightly",
+/// Clippy on the eBPF crate for its real target (on the host target it cannot even compile),
+/// with the toolchain pinned for it.
+fn clippy_ebpf_cmd() -> Result<Command> {
+    let toolchain = format!("+{}", setup::ebpf_channel()?);
+    Ok(cmd::cargo([
+        toolchain.as_str(),
         "clippy",
         "-p",
         EBPF_PACKAGE,
@@ -149,7 +151,7 @@ fn clippy_ebpf_cmd() -> Command {
         "--",
         "-D",
         "warnings",
-    ])
+    ]))
 }
 
 /// `cargo fmt --all -- --check`.
@@ -161,10 +163,7 @@ fn fmt_cmd() -> Command {
 fn lab_bin_cmd(bin: &str, args: &[String]) -> Command {
     // Run what `build_cmd` just built: `cargo run -p interceptor-tests` alone would resolve
     // features differently and rebuild half the dependency tree.
-    let target_dir = std::env::var_os("CARGO_TARGET_DIR")
-        .map(std::path::PathBuf::from)
-        .unwrap_or_else(|| cmd::repo_root().join("target"));
-    let mut c = Command::new(target_dir.join("release").join(bin));
+    let mut c = Command::new(cmd::target_dir().join("release").join(bin));
     c.current_dir(cmd::repo_root());
     c.args(args);
     c

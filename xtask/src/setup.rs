@@ -22,9 +22,19 @@ pub const DEBIAN_PACKAGES: &[&str] = &[
 /// Where bpffs must be mounted (aya pins and bpftool look there).
 const BPFFS: &str = "/sys/fs/bpf";
 
+/// Set (to anything but `0`) to make setup take a new user's path for bpf-linker: build it from
+/// scratch into a fresh directory under `target/` with the same code, and use that one. CI
+/// sets it, so CI cannot pass when a new user's set-up would fail.
+pub const FROM_SCRATCH_ENV: &str = "INTERCEPTOR_SETUP_FROM_SCRATCH";
+
+/// The file that pins the eBPF crate's toolchain (read by setup, clippy and the build script).
+pub const EBPF_TOOLCHAIN_FILE: &str = "interceptor-ebpf/rust-toolchain.toml";
+
 /// The nightly toolchain that builds the eBPF crate.
-struct Nightly {
-    /// `rustc +nightly --print sysroot`.
+pub struct Nightly {
+    /// The pinned channel, e.g. `nightly-2026-05-20`.
+    pub channel: String,
+    /// `rustc +<channel> --print sysroot`.
     sysroot: PathBuf,
     /// `release:` from `rustc +nightly -vV`.
     release: String,
@@ -36,7 +46,8 @@ struct Nightly {
 pub fn setup() -> Result<()> {
     let start = Instant::now();
     check_root()?;
-    let nightly = ensure_nightly()?;
+    let channel = ebpf_channel()?;
+    let nightly = ensure_nightly(&channel)?;
     ensure_bpf_linker(&nightly)?;
     ensure_debian_packages()?;
     let mounts = fs::read_to_string("/proc/mounts").context("cannot read /proc/mounts")?;
@@ -44,6 +55,28 @@ pub fn setup() -> Result<()> {
     check_cgroup2(&mounts)?;
     println!("setup: done in {:.2}s", start.elapsed().as_secs_f64());
     Ok(())
+}
+
+/// The channel pinned in [`EBPF_TOOLCHAIN_FILE`].
+pub fn ebpf_channel() -> Result<String> {
+    let path = cmd::repo_root().join(EBPF_TOOLCHAIN_FILE);
+    let text = fs::read_to_string(&path)
+        .with_context(|| format!("setup: cannot read {}", path.display()))?;
+    channel_from_toolchain_file(&text).with_context(|| {
+        format!(
+            "setup: {}: no `channel = \"...\"` line under [toolchain]",
+            path.display()
+        )
+    })
+}
+
+/// The `channel = "..."` value of a `rust-toolchain.toml`.
+fn channel_from_toolchain_file(text: &str) -> Option<String> {
+    text.lines().find_map(|line| {
+        let value = line.trim().strip_prefix("channel")?.trim_start();
+        let value = value.strip_prefix('=')?.trim();
+        Some(value.strip_prefix('"')?.strip_suffix('"')?.to_string())
+    })
 }
 
 /// Fails unless the effective user is root (the lab needs it: bpf(), netns, mounts, apt).
@@ -74,19 +107,20 @@ fn effective_uid(status: &str) -> Option<u32> {
         .ok()
 }
 
-/// Makes sure the nightly toolchain exists and has the `rust-src` and `clippy` components.
-fn ensure_nightly() -> Result<Nightly> {
-    let vv = match cmd::output(Command::new("rustc").args(["+nightly", "-vV"])) {
+/// Makes sure the pinned nightly toolchain exists and has the `rust-src` and `clippy` components.
+fn ensure_nightly(channel: &str) -> Result<Nightly> {
+    let plus = format!("+{channel}");
+    let vv = match cmd::output(Command::new("rustc").args([&plus, "-vV"])) {
         Ok(vv) => {
-            println!("setup: nightly toolchain: ok");
+            println!("setup: eBPF toolchain {channel}: ok");
             vv
         }
-        Err(err) => {
-            println!("setup: nightly toolchain: missing ({err:#}); installing");
+        Err(_) => {
+            println!("setup: eBPF toolchain {channel}: missing; installing");
             cmd::run(Command::new("rustup").args([
                 "toolchain",
                 "install",
-                "nightly",
+                channel,
                 "--profile",
                 "minimal",
                 "--component",
@@ -94,14 +128,17 @@ fn ensure_nightly() -> Result<Nightly> {
                 "--component",
                 "clippy",
             ]))
-            .context(
-                "setup: nightly toolchain: FAILED to install it; run \
-                 `rustup toolchain install nightly --component rust-src --component clippy`",
-            )?;
-            let vv = cmd::output(Command::new("rustc").args(["+nightly", "-vV"])).context(
-                "setup: nightly toolchain: FAILED: installed but `rustc +nightly -vV` fails",
-            )?;
-            println!("setup: nightly toolchain: installed");
+            .with_context(|| {
+                format!(
+                    "setup: eBPF toolchain: FAILED to install {channel} (pinned in \
+                     {EBPF_TOOLCHAIN_FILE}); run `rustup toolchain install {channel} --component \
+                     rust-src --component clippy`, or pin a nightly rustup can install"
+                )
+            })?;
+            let vv = cmd::output(Command::new("rustc").args([&plus, "-vV"])).with_context(|| {
+                format!("setup: eBPF toolchain: FAILED: installed but `rustc {plus} -vV` fails")
+            })?;
+            println!("setup: eBPF toolchain {channel}: installed");
             vv
         }
     };
@@ -112,29 +149,27 @@ fn ensure_nightly() -> Result<Nightly> {
         .trim()
         .to_string();
     let llvm_major = bpf_linker::llvm_major_from_rustc_vv(&vv).with_context(|| {
-        format!(
-            "setup: nightly toolchain: FAILED: no `LLVM version:` in `rustc +nightly -vV`:\n{vv}"
-        )
+        format!("setup: eBPF toolchain: FAILED: no `LLVM version:` in `rustc {plus} -vV`:\n{vv}")
     })?;
     let sysroot = PathBuf::from(
-        cmd::output(Command::new("rustc").args(["+nightly", "--print", "sysroot"]))
-            .context("setup: nightly toolchain: FAILED: `rustc +nightly --print sysroot`")?
+        cmd::output(Command::new("rustc").args([&plus, "--print", "sysroot"]))
+            .with_context(|| format!("setup: eBPF toolchain: FAILED: `rustc {plus} --print sysroot`"))?
             .trim(),
     );
 
     let missing = missing_components(&sysroot);
     if missing.is_empty() {
-        println!("setup: nightly rust-src, clippy: ok ({release}, LLVM {llvm_major})");
+        println!("setup: {channel} rust-src, clippy: ok ({release}, LLVM {llvm_major})");
     } else {
         cmd::run(
             Command::new("rustup")
-                .args(["component", "add", "--toolchain", "nightly"])
+                .args(["component", "add", "--toolchain", channel])
                 .args(&missing),
         )
         .with_context(|| {
             format!(
-                "setup: nightly components: FAILED to add {}; run \
-                 `rustup component add {} --toolchain nightly`",
+                "setup: eBPF toolchain components: FAILED to add {}; run \
+                 `rustup component add {} --toolchain {channel}`",
                 missing.join(", "),
                 missing.join(" ")
             )
@@ -142,17 +177,18 @@ fn ensure_nightly() -> Result<Nightly> {
         let still = missing_components(&sysroot);
         if !still.is_empty() {
             bail!(
-                "setup: nightly components: FAILED: still missing after rustup: {} (sysroot {})",
+                "setup: eBPF toolchain components: FAILED: still missing after rustup: {} (sysroot {})",
                 still.join(", "),
                 sysroot.display()
             );
         }
         println!(
-            "setup: nightly {}: installed ({release}, LLVM {llvm_major})",
+            "setup: {channel} {}: installed ({release}, LLVM {llvm_major})",
             missing.join(", ")
         );
     }
     Ok(Nightly {
+        channel: channel.to_string(),
         sysroot,
         release,
         llvm_major,
@@ -171,8 +207,16 @@ fn missing_components(sysroot: &Path) -> Vec<&'static str> {
     missing
 }
 
+/// Whether [`FROM_SCRATCH_ENV`] asks for a new user's bpf-linker path.
+fn from_scratch_requested() -> bool {
+    std::env::var_os(FROM_SCRATCH_ENV).is_some_and(|v| !v.is_empty() && v != "0")
+}
+
 /// Makes sure a working bpf-linker whose LLVM matches the nightly's is on `PATH`.
 fn ensure_bpf_linker(nightly: &Nightly) -> Result<()> {
+    if from_scratch_requested() {
+        return bpf_linker_from_scratch(nightly);
+    }
     let reason = match bpf_linker::detect() {
         Found::Working {
             version,
@@ -193,23 +237,68 @@ fn ensure_bpf_linker(nightly: &Nightly) -> Result<()> {
         Found::Broken(why) => format!("does not run: {why}"),
     };
     println!("setup: bpf-linker: {reason}; building it");
-    bpf_linker::install(&nightly.sysroot, nightly.llvm_major)
+    let prefix = bpf_linker::llvm_prefix()?;
+    let plan = bpf_linker::InstallPlan {
+        root: None,
+        log: prefix.with_file_name("bpf-linker-build.log"),
+        llvm_prefix: prefix,
+        target_dir: None,
+    };
+    install_and_check(nightly, &plan)
+}
+
+/// The new user's path, taken on purpose: a fresh LLVM prefix, a fresh cargo root and a fresh
+/// build directory under `target/setup-from-scratch`, then that bpf-linker first on `PATH`.
+fn bpf_linker_from_scratch(nightly: &Nightly) -> Result<()> {
+    let scratch = cmd::target_dir().join("setup-from-scratch");
+    if scratch.exists() {
+        fs::remove_dir_all(&scratch)
+            .with_context(|| format!("setup: cannot remove {}", scratch.display()))?;
+    }
+    println!(
+        "setup: bpf-linker: {FROM_SCRATCH_ENV} is set; building it from scratch in {} as a new \
+         machine would",
+        scratch.display()
+    );
+    let plan = bpf_linker::InstallPlan {
+        root: Some(scratch.join("root")),
+        llvm_prefix: scratch.join("llvm"),
+        target_dir: Some(scratch.join("build")),
+        log: scratch.join("bpf-linker-build.log"),
+    };
+    cmd::prepend_to_path(&scratch.join("root/bin"));
+    install_and_check(nightly, &plan)
+}
+
+/// Installs bpf-linker as `plan` says, then checks that `PATH` now finds a working one.
+fn install_and_check(nightly: &Nightly, plan: &bpf_linker::InstallPlan) -> Result<()> {
+    let start = Instant::now();
+    bpf_linker::install(&nightly.sysroot, nightly.llvm_major, plan)
         .context("setup: bpf-linker: FAILED")?;
     match bpf_linker::detect() {
-        Found::Working { version, .. } => {
+        Found::Working {
+            version,
+            llvm_major,
+        } if llvm_major.is_none_or(|m| m == nightly.llvm_major) => {
             println!(
-                "setup: bpf-linker: installed ({version}, LLVM {})",
-                nightly.llvm_major
+                "setup: bpf-linker: installed ({version}, LLVM {}) in {:.0}s",
+                nightly.llvm_major,
+                start.elapsed().as_secs_f64()
             );
             Ok(())
         }
+        Found::Working { version, .. } => bail!(
+            "setup: bpf-linker: FAILED: {version} was built, but PATH finds another bpf-linker \
+             first whose LLVM differs from {}'s; remove it or put ~/.cargo/bin first on PATH",
+            nightly.channel
+        ),
         Found::Missing => bail!(
             "setup: bpf-linker: FAILED: installed, but not found on PATH; add ~/.cargo/bin to PATH"
         ),
         Found::Broken(why) => bail!(
             "setup: bpf-linker: FAILED: installed, but it does not run ({why}); make sure \
              ~/.cargo/bin comes first on PATH and that {} points to the nightly's libLLVM",
-            bpf_linker::llvm_prefix()?.join("lib").display()
+            plan.llvm_prefix.join("lib").display()
         ),
     }
 }
@@ -383,6 +472,21 @@ bpf /tmp/my\\040bpf bpf rw,relatime 0 0
         assert_eq!(unescape_mount_field("/plain"), "/plain");
         assert_eq!(unescape_mount_field("/trailing\\"), "/trailing\\");
         assert_eq!(unescape_mount_field("/short\\04"), "/short\\04");
+    }
+
+    #[test]
+    fn reads_the_pinned_channel() {
+        let file = "# why\n[toolchain]\nchannel = \"nightly-2026-05-20\"\ncomponents = [\"rust-src\"]\n";
+        assert_eq!(
+            channel_from_toolchain_file(file).as_deref(),
+            Some("nightly-2026-05-20")
+        );
+        assert_eq!(channel_from_toolchain_file("[toolchain]\n"), None);
+        let pinned = fs::read_to_string(cmd::repo_root().join(EBPF_TOOLCHAIN_FILE)).unwrap();
+        assert!(
+            channel_from_toolchain_file(&pinned).is_some_and(|c| c.starts_with("nightly-")),
+            "the eBPF toolchain is pinned to a dated nightly"
+        );
     }
 
     #[test]
