@@ -154,7 +154,7 @@ pub fn linker_script_input(script: &str) -> Option<String> {
         .strip_prefix('(')?;
     let inner = &rest[..rest.find(')')?];
     inner
-        .split(|c: char| c.is_whitespace() || c == ',')
+        .split(|c: char| c.is_whitespace() || c == ',' || c == '(')
         .find(|word| !word.is_empty() && *word != "AS_NEEDED")
         .map(str::to_string)
 }
