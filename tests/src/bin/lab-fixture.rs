@@ -665,6 +665,67 @@ struct Watched {
     opened: Instant,
 }
 
+/// How the watched connections ended.
+#[derive(Default)]
+struct Tally {
+    connected: u64,
+    reset: u64,
+    eof: u64,
+    data: u64,
+    closed_after: Vec<u64>,
+}
+
+impl Tally {
+    /// One poll over the open connections (waiting at most `wait_ms`); closed ones are
+    /// counted and dropped. With `trickle`, every open one is sent a byte.
+    fn watch(&mut self, open: &mut Vec<Watched>, wait_ms: i32, trickle: bool) {
+        let mut fds: Vec<libc::pollfd> = open
+            .iter()
+            .map(|w| libc::pollfd {
+                fd: std::os::fd::AsRawFd::as_raw_fd(&w.stream),
+                events: libc::POLLIN | libc::POLLRDHUP,
+                revents: 0,
+            })
+            .collect();
+        // SAFETY: poll over a valid array of pollfd structs.
+        unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, wait_ms) };
+        let mut buf = [0u8; 4096];
+        let mut index = 0;
+        open.retain_mut(|w| {
+            let revents = fds[index].revents;
+            index += 1;
+            let mut closed = None;
+            if revents != 0 {
+                closed = match w.stream.read(&mut buf) {
+                    Ok(0) => Some(false),
+                    Ok(_) => {
+                        self.data += 1;
+                        None
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => None,
+                    Err(_) => Some(true),
+                };
+            }
+            if closed.is_none() && trickle && w.stream.write(&[0x16]).is_err() {
+                closed = Some(true);
+            }
+            match closed {
+                Some(was_reset) => {
+                    if was_reset {
+                        self.reset += 1;
+                    } else {
+                        self.eof += 1;
+                    }
+                    self.closed_after
+                        .push(w.opened.elapsed().as_millis() as u64);
+                    false
+                }
+                None => true,
+            }
+        });
+    }
+}
+
 fn idle(
     to: SocketAddr,
     connections: usize,
@@ -676,12 +737,17 @@ fn idle(
     raise_fd_limit();
     let started = Instant::now();
     let mut open: Vec<Watched> = Vec::with_capacity(connections);
-    let (mut connect_failed, mut reset, mut eof, mut data) = (0u64, 0u64, 0u64, 0u64);
-    let mut closed_after: Vec<u64> = Vec::new();
+    let mut tally = Tally::default();
+    let mut connect_failed = 0u64;
     let mut last_error = None;
-    for _ in 0..connections {
+    let mut last_trickle = Instant::now();
+    for i in 0..connections {
         if started.elapsed() > max_connect {
             break;
+        }
+        // Notice closes while still connecting, so their times are not inflated.
+        if i % 64 == 63 {
+            tally.watch(&mut open, 0, false);
         }
         match TcpStream::connect_timeout(&to, Duration::from_secs(2)) {
             Ok(mut stream) => {
@@ -689,6 +755,7 @@ fn idle(
                     let _ = stream.write_all(payload);
                 }
                 stream.set_nonblocking(true)?;
+                tally.connected += 1;
                 open.push(Watched {
                     stream,
                     opened: Instant::now(),
@@ -696,8 +763,9 @@ fn idle(
             }
             // Reset before connect() returned: counted as connected and reset at once.
             Err(e) if e.kind() == io::ErrorKind::ConnectionReset => {
-                reset += 1;
-                closed_after.push(0);
+                tally.reset += 1;
+                tally.connected += 1;
+                tally.closed_after.push(0);
             }
             Err(e) => {
                 connect_failed += 1;
@@ -706,54 +774,21 @@ fn idle(
         }
     }
     let attempted_secs = started.elapsed().as_secs_f64();
-    let connected = open.len() as u64 + reset;
     let watch_until = Instant::now() + watch;
-    let mut last_trickle = Instant::now();
-    let mut buf = [0u8; 4096];
     while !open.is_empty() && Instant::now() < watch_until {
-        let mut fds: Vec<libc::pollfd> = open
-            .iter()
-            .map(|w| libc::pollfd {
-                fd: std::os::fd::AsRawFd::as_raw_fd(&w.stream),
-                events: libc::POLLIN | libc::POLLRDHUP,
-                revents: 0,
-            })
-            .collect();
-        // SAFETY: poll over a valid array of pollfd structs.
-        unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, 50) };
         let trickle_now = trickle.is_some_and(|every| last_trickle.elapsed() >= every);
         if trickle_now {
             last_trickle = Instant::now();
         }
-        let mut index = 0;
-        open.retain_mut(|w| {
-            let revents = fds[index].revents;
-            index += 1;
-            let mut outcome = None;
-            if revents != 0 {
-                outcome = match w.stream.read(&mut buf) {
-                    Ok(0) => Some(&mut eof),
-                    Ok(_) => {
-                        data += 1;
-                        None
-                    }
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => None,
-                    Err(_) => Some(&mut reset),
-                };
-            }
-            if outcome.is_none() && trickle_now && w.stream.write(&[0x16]).is_err() {
-                outcome = Some(&mut reset);
-            }
-            match outcome {
-                Some(counter) => {
-                    *counter += 1;
-                    closed_after.push(w.opened.elapsed().as_millis() as u64);
-                    false
-                }
-                None => true,
-            }
-        });
+        tally.watch(&mut open, 50, trickle_now);
     }
+    let Tally {
+        connected,
+        reset,
+        eof,
+        data,
+        mut closed_after,
+    } = tally;
     closed_after.sort_unstable();
     let pct = |p: f64| {
         let rank = ((p / 100.0) * closed_after.len() as f64).ceil() as usize;

@@ -96,7 +96,7 @@ fn main() -> anyhow::Result<()> {
     let mut results = json!({
         "label": args.label,
         "date": first_line("date", &["-u", "+%Y-%m-%d %H:%M UTC"]),
-        "commit": first_line("git", &["-C", env!("CARGO_MANIFEST_DIR"), "rev-parse", "--short", "HEAD"]),
+        "commit": commit(),
     });
     if args.only.as_deref() != Some("memory") {
         println!("soak: flood of {} idle connects", args.flood);
@@ -341,6 +341,21 @@ impl Soak {
             out.push(round_result);
         }
         Ok(json!({"requested": requested, "connections": connections, "rounds": out}))
+    }
+}
+
+/// The commit measured, marked when the working tree has uncommitted changes.
+fn commit() -> String {
+    let dir = env!("CARGO_MANIFEST_DIR");
+    let head = first_line("git", &["-C", dir, "rev-parse", "--short", "HEAD"]);
+    let dirty = Command::new("git")
+        .args(["-C", dir, "status", "--porcelain", "--untracked-files=no"])
+        .output()
+        .is_ok_and(|o| !o.stdout.is_empty());
+    if dirty {
+        format!("{head} with uncommitted changes")
+    } else {
+        head
     }
 }
 
