@@ -30,7 +30,11 @@ async fn handle(mut stream: TcpStream, agent: Arc<Agent>) {
         "/metrics" => (
             "200 OK",
             "text/plain; version=0.0.4",
-            render(&agent.records().metrics(), &agent.kernel_counters()),
+            render(
+                &agent.records().metrics(),
+                &agent.kernel_counters(),
+                agent.pending_tunnels(),
+            ),
         ),
         "/healthz/ready" => ("200 OK", "text/plain", "ready\n".to_owned()),
         _ => ("404 Not Found", "text/plain", "not found\n".to_owned()),
@@ -45,8 +49,13 @@ async fn handle(mut stream: TcpStream, agent: Arc<Agent>) {
 /// Picks one counter out of an edge's counters.
 type CounterOf = fn(&crate::records::EdgeCounters) -> u64;
 
-/// The Prometheus text exposition of the agent's counters.
-pub fn render(metrics: &MetricsSnapshot, kernel: &crate::ebpf::KernelCounters) -> String {
+/// The Prometheus text exposition of the agent's counters; `pending_tunnels` is the number of
+/// unauthenticated tunnel connections now.
+pub fn render(
+    metrics: &MetricsSnapshot,
+    kernel: &crate::ebpf::KernelCounters,
+    pending_tunnels: usize,
+) -> String {
     let mut out = String::new();
     let families: [(&str, &str, CounterOf); 4] = [
         (
@@ -102,6 +111,26 @@ pub fn render(metrics: &MetricsSnapshot, kernel: &crate::ebpf::KernelCounters) -
             escape(&labels.destination_workload_namespace)
         );
     }
+    let name = "interceptor_refused_connections_total";
+    let _ = writeln!(
+        out,
+        "# HELP {name} Connections reset or refused before they were authenticated and served, by listener and reason; every one is counted, also when its records were aggregated.\n# TYPE {name} counter"
+    );
+    for (labels, count) in &metrics.refusals {
+        let _ = writeln!(
+            out,
+            "{name}{{listener=\"{}\",reason=\"{}\",workload=\"{}\",workload_namespace=\"{}\"}} {count}",
+            labels.listener,
+            labels.reason,
+            escape(&labels.workload),
+            escape(&labels.workload_namespace)
+        );
+    }
+    let name = "interceptor_tunnel_pending_connections";
+    let _ = writeln!(
+        out,
+        "# HELP {name} Tunnel connections not yet authenticated (handshake or request pending).\n# TYPE {name} gauge\n{name} {pending_tunnels}"
+    );
     let kernel_counters = [
         (
             "interceptor_kernel_redirected_connects_total",

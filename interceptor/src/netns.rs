@@ -143,7 +143,7 @@ fn new_socket(socket_type: libc::c_int) -> io::Result<OwnedFd> {
         )
     };
     if fd < 0 {
-        return Err(io::Error::last_os_error());
+        return Err(crate::limits::explain(io::Error::last_os_error()));
     }
     // SAFETY: fd is a new descriptor we own.
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })

@@ -3,10 +3,17 @@
 //! Memory is bounded: the store keeps the most recent `capacity` records in a ring; totals per
 //! workload are kept apart and never reset while the agent runs. Every new or updated record is
 //! also broadcast, for `interceptor status --watch` and the metrics.
+//!
+//! Refusals before a caller authenticated (tunnel-port noise: failed or timed-out handshakes,
+//! connections over the caps, resets for lack of descriptors) are kept apart from the records
+//! of real connections, in a small ring of their own, and aggregated: one record per source
+//! address and reason per [`NOISE_INTERVAL`], whose `count` grows. A flood from anywhere
+//! therefore never pushes real connections out of the store, while the counters and /metrics
+//! still count every refusal.
 
 use std::{
-    collections::{BTreeMap, VecDeque},
-    net::SocketAddr,
+    collections::{BTreeMap, HashMap, VecDeque},
+    net::{IpAddr, SocketAddr},
     sync::Mutex,
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
@@ -91,7 +98,22 @@ pub struct ConnectionRecord {
     pub duration_ms: u64,
     /// Still open.
     pub open: bool,
+    /// How many connections this record stands for: 1, or for aggregated refusals before
+    /// authentication, how many came from this source for this reason in the interval.
+    #[serde(default = "one")]
+    pub count: u64,
 }
+
+fn one() -> u64 {
+    1
+}
+
+/// Refusals before authentication from one source address and for one reason within this
+/// interval share one record.
+pub const NOISE_INTERVAL: Duration = Duration::from_secs(10);
+
+/// At most this many aggregated noise records are kept (fewer when the store is smaller).
+const NOISE_CAPACITY: usize = 1000;
 
 /// Totals for one workload since the agent started.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -155,6 +177,20 @@ pub struct DropLabels {
     pub destination_workload_namespace: String,
 }
 
+/// Labels of the counter of connections refused before they were authenticated and served.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct RefusalLabels {
+    /// `tunnel` (a pod's tunnel port) or `outbound` (a pod's redirected connects).
+    pub listener: &'static str,
+    /// `handshake_failed`, `handshake_timeout`, `request_failed`, `request_timeout`,
+    /// `pending_limit_source`, `pending_limit_agent` or `fd_limit`.
+    pub reason: &'static str,
+    /// The pod whose listener it was: workload name.
+    pub workload: String,
+    /// The pod whose listener it was: namespace.
+    pub workload_namespace: String,
+}
+
 /// What /metrics serves.
 #[derive(Clone, Debug, Default)]
 pub struct MetricsSnapshot {
@@ -162,10 +198,21 @@ pub struct MetricsSnapshot {
     pub edges: BTreeMap<EdgeLabels, EdgeCounters>,
     /// Dropped or failed connections by reason.
     pub drops: BTreeMap<DropLabels, u64>,
+    /// Connections refused before authentication (every one, also when their records were
+    /// aggregated).
+    pub refusals: BTreeMap<RefusalLabels, u64>,
+}
+
+/// The record that aggregates one source's refusals for one reason.
+struct NoiseWindow {
+    id: u64,
+    since: Instant,
 }
 
 struct Inner {
     ring: VecDeque<ConnectionRecord>,
+    noise: VecDeque<ConnectionRecord>,
+    noise_windows: HashMap<(IpAddr, &'static str), NoiseWindow>,
     next_id: u64,
     started: BTreeMap<u64, Instant>,
     totals: BTreeMap<WorkloadKey, WorkloadTotals>,
@@ -186,6 +233,8 @@ impl RecordStore {
             capacity: capacity.max(1),
             inner: Mutex::new(Inner {
                 ring: VecDeque::new(),
+                noise: VecDeque::new(),
+                noise_windows: HashMap::new(),
                 next_id: 1,
                 started: BTreeMap::new(),
                 totals: BTreeMap::new(),
@@ -228,6 +277,90 @@ impl RecordStore {
         self.insert(conn, verdict, Some(reason), false, start)
     }
 
+    /// Records a connection refused before its caller authenticated (`label` names the reason
+    /// in /metrics). Counters count it; its record is aggregated with the others from the same
+    /// source address for the same reason in the last [`NOISE_INTERVAL`], and kept apart from
+    /// the records of real connections.
+    pub fn refused_noise(
+        &self,
+        conn: Connection,
+        verdict: Verdict,
+        label: &'static str,
+        reason: String,
+    ) {
+        let mut inner = self.lock();
+        let refusal = RefusalLabels {
+            listener: match conn.direction {
+                Direction::Inbound => "tunnel",
+                Direction::Outbound => "outbound",
+            },
+            reason: label,
+            workload: String::new(),
+            workload_namespace: String::new(),
+        };
+        let key = (conn.source.ip(), label);
+        let now = Instant::now();
+        let window = inner
+            .noise_windows
+            .get(&key)
+            .filter(|w| now.duration_since(w.since) < NOISE_INTERVAL)
+            .map(|w| w.id);
+        let counted = window.and_then(|id| {
+            let record = find(&mut inner.noise, id)?;
+            record.count += 1;
+            Some(record.clone())
+        });
+        let record = match counted {
+            Some(record) => {
+                count_new(&mut inner, &record);
+                record
+            }
+            None => {
+                let record = new_record(
+                    &mut inner,
+                    conn,
+                    verdict,
+                    Some(reason),
+                    false,
+                    SystemTime::now(),
+                );
+                count_new(&mut inner, &record);
+                let capacity = self.capacity.min(NOISE_CAPACITY);
+                if inner.noise.len() >= capacity {
+                    inner.noise.pop_front();
+                }
+                inner.noise.push_back(record.clone());
+                if inner.noise_windows.len() >= capacity {
+                    let oldest = inner.noise.front().map_or(0, |r| r.id);
+                    inner.noise_windows.retain(|_, w| {
+                        w.id >= oldest && now.duration_since(w.since) < NOISE_INTERVAL
+                    });
+                }
+                inner.noise_windows.insert(
+                    key,
+                    NoiseWindow {
+                        id: record.id,
+                        since: now,
+                    },
+                );
+                // Only the first of a window is broadcast, so watchers see a flood as one line
+                // per source and reason per interval.
+                let _ = self.updates.send(record.clone());
+                record
+            }
+        };
+        let (workload, workload_namespace) = workload_labels(own_workload(&record).as_ref());
+        *inner
+            .metrics
+            .refusals
+            .entry(RefusalLabels {
+                workload,
+                workload_namespace,
+                ..refusal
+            })
+            .or_default() += 1;
+    }
+
     /// Marks an open connection closed with its byte counts, and a failure reason if any.
     pub fn close(&self, id: u64, bytes_sent: u64, bytes_received: u64, failure: Option<String>) {
         let mut inner = self.lock();
@@ -260,20 +393,27 @@ impl RecordStore {
         let _ = self.updates.send(record);
     }
 
-    /// Recent records, oldest first, with durations of open ones brought up to date.
+    /// Recent records, oldest first, with durations of open ones brought up to date; the
+    /// aggregated noise records are merged in by id.
     pub fn recent(&self) -> Vec<ConnectionRecord> {
         let inner = self.lock();
-        inner
-            .ring
-            .iter()
-            .map(|record| {
-                let mut record = record.clone();
-                if let Some(start) = inner.started.get(&record.id) {
-                    record.duration_ms = start.elapsed().as_millis() as u64;
-                }
-                record
-            })
-            .collect()
+        let mut real = inner.ring.iter().peekable();
+        let mut noise = inner.noise.iter().peekable();
+        let mut out = Vec::with_capacity(inner.ring.len() + inner.noise.len());
+        loop {
+            let next = match (real.peek(), noise.peek()) {
+                (Some(r), Some(n)) if n.id < r.id => noise.next(),
+                (Some(_), _) => real.next(),
+                (None, _) => noise.next(),
+            };
+            let Some(record) = next else { break };
+            let mut record = record.clone();
+            if let Some(start) = inner.started.get(&record.id) {
+                record.duration_ms = start.elapsed().as_millis() as u64;
+            }
+            out.push(record);
+        }
+        out
     }
 
     /// Totals per workload since the agent started.
@@ -305,38 +445,11 @@ impl RecordStore {
         start: SystemTime,
     ) -> u64 {
         let mut inner = self.lock();
-        let id = inner.next_id;
-        inner.next_id += 1;
-        let record = ConnectionRecord {
-            id,
-            start_unix_ms: unix_ms(start),
-            connection: conn,
-            verdict,
-            reason,
-            bytes_sent: 0,
-            bytes_received: 0,
-            duration_ms: 0,
-            open,
-        };
-        if let Some(key) = own_workload(&record) {
-            let totals = inner.totals.entry(key).or_default();
-            match (verdict, record.connection.security) {
-                (Verdict::Dropped, _) => totals.dropped += 1,
-                (Verdict::Failed, _) => totals.failed += 1,
-                (Verdict::Allowed, Security::MutualTls) => totals.mutual_tls += 1,
-                (Verdict::Allowed, Security::Plaintext) => totals.plaintext += 1,
-            }
-        }
+        let record = new_record(&mut inner, conn, verdict, reason, open, start);
+        let id = record.id;
+        count_new(&mut inner, &record);
         if open {
             inner.started.insert(id, Instant::now());
-            inner
-                .metrics
-                .edges
-                .entry(edge_labels(&record))
-                .or_default()
-                .opened += 1;
-        } else {
-            *inner.metrics.drops.entry(drop_labels(&record)).or_default() += 1;
         }
         if inner.ring.len() == self.capacity
             && let Some(evicted) = inner.ring.pop_front()
@@ -353,6 +466,55 @@ impl RecordStore {
         self.inner
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+/// A record with the next id.
+fn new_record(
+    inner: &mut Inner,
+    conn: Connection,
+    verdict: Verdict,
+    reason: Option<String>,
+    open: bool,
+    start: SystemTime,
+) -> ConnectionRecord {
+    let id = inner.next_id;
+    inner.next_id += 1;
+    ConnectionRecord {
+        id,
+        start_unix_ms: unix_ms(start),
+        connection: conn,
+        verdict,
+        reason,
+        bytes_sent: 0,
+        bytes_received: 0,
+        duration_ms: 0,
+        open,
+        count: 1,
+    }
+}
+
+/// Counts one new connection (a new record, or one more in an aggregated record) in the
+/// totals and the metrics.
+fn count_new(inner: &mut Inner, record: &ConnectionRecord) {
+    if let Some(key) = own_workload(record) {
+        let totals = inner.totals.entry(key).or_default();
+        match (record.verdict, record.connection.security) {
+            (Verdict::Dropped, _) => totals.dropped += 1,
+            (Verdict::Failed, _) => totals.failed += 1,
+            (Verdict::Allowed, Security::MutualTls) => totals.mutual_tls += 1,
+            (Verdict::Allowed, Security::Plaintext) => totals.plaintext += 1,
+        }
+    }
+    if record.open {
+        inner
+            .metrics
+            .edges
+            .entry(edge_labels(record))
+            .or_default()
+            .opened += 1;
+    } else {
+        *inner.metrics.drops.entry(drop_labels(record)).or_default() += 1;
     }
 }
 
@@ -423,11 +585,10 @@ fn unknown() -> String {
     "unknown".to_owned()
 }
 
-/// Ids increase by one, so the record with `id` is at a computable position when present.
+/// The record with `id`, if still kept (ids increase along the ring).
 fn find(ring: &mut VecDeque<ConnectionRecord>, id: u64) -> Option<&mut ConnectionRecord> {
-    let first = ring.front()?.id;
-    let index = usize::try_from(id.checked_sub(first)?).ok()?;
-    ring.get_mut(index).filter(|record| record.id == id)
+    let index = ring.binary_search_by_key(&id, |record| record.id).ok()?;
+    ring.get_mut(index)
 }
 
 /// Milliseconds since the Unix epoch.
@@ -497,5 +658,52 @@ mod tests {
         let totals = store.totals();
         let web = totals.values().next().unwrap();
         assert_eq!((web.failed, web.dropped), (1, 1));
+    }
+
+    #[test]
+    fn a_flood_of_refusals_keeps_the_real_records_and_counts_every_one() {
+        let store = RecordStore::new(100);
+        let real: Vec<u64> = (0..10)
+            .map(|_| {
+                let id = store.open(conn());
+                store.close(id, 1, 1, None);
+                id
+            })
+            .collect();
+        let mut attacker = conn();
+        attacker.source = "198.18.0.11:50000".parse().unwrap();
+        attacker.security = Security::MutualTls;
+        for i in 0..5000u32 {
+            let mut c = attacker.clone();
+            c.source.set_port(1024 + (i % 60000) as u16);
+            // One other address now and then.
+            if i % 1000 == 0 {
+                c.source = "198.18.0.12:1".parse().unwrap();
+            }
+            store.refused_noise(
+                c,
+                Verdict::Dropped,
+                "handshake_timeout",
+                "no handshake".into(),
+            );
+        }
+        let recent = store.recent();
+        for id in &real {
+            assert!(recent.iter().any(|r| r.id == *id), "real record {id} lost");
+        }
+        let noise: Vec<&ConnectionRecord> =
+            recent.iter().filter(|r| r.count > 1 || r.id > 10).collect();
+        assert_eq!(noise.len(), 2, "one record per source: {noise:?}");
+        assert_eq!(noise.iter().map(|r| r.count).sum::<u64>(), 5000);
+        assert!(recent.windows(2).all(|w| w[0].id < w[1].id), "merged by id");
+        let metrics = store.metrics();
+        let refused: u64 = metrics.refusals.values().sum();
+        assert_eq!(refused, 5000);
+        let label = metrics.refusals.keys().next().unwrap();
+        assert_eq!(
+            (label.listener, label.reason),
+            ("tunnel", "handshake_timeout")
+        );
+        assert_eq!(store.totals().values().next().unwrap().dropped, 5000);
     }
 }

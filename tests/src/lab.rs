@@ -52,6 +52,7 @@ pub struct Node {
     /// CA directory the agent uses.
     pub ca_dir: PathBuf,
     agent_args: Vec<String>,
+    agent_nofile: Option<u64>,
     state_dir: PathBuf,
     /// Where the agent pins its kernel maps and links.
     pub bpf_dir: PathBuf,
@@ -85,6 +86,9 @@ pub struct LabOptions {
     pub foreign_ca_nodes: Vec<u8>,
     /// Extra `interceptor agent` arguments for every agent.
     pub agent_args: Vec<String>,
+    /// Start every agent with this open-file limit, soft and hard (the real kernel limit, set
+    /// between fork and exec), instead of the one the lab inherited.
+    pub agent_nofile: Option<u64>,
 }
 
 impl Default for LabOptions {
@@ -93,6 +97,7 @@ impl Default for LabOptions {
             nodes: 2,
             foreign_ca_nodes: Vec::new(),
             agent_args: Vec::new(),
+            agent_nofile: None,
         }
     }
 }
@@ -156,6 +161,7 @@ impl Lab {
                 ca.clone()
             };
             self.add_node(index, &fabric, ca_dir, options.agent_args.clone())?;
+            self.node_mut(index)?.agent_nofile = options.agent_nofile;
         }
         for node in &self.nodes {
             for other in &self.nodes {
@@ -223,6 +229,7 @@ impl Lab {
             metrics_addr: format!("{underlay_ip}:15020"),
             ca_dir,
             agent_args,
+            agent_nofile: None,
             state_dir: node_dir.join("state"),
             bpf_dir: Path::new(BPF_ROOT)
                 .join(&self.name)
@@ -273,6 +280,21 @@ impl Lab {
             .stdout(log.try_clone()?)
             .stderr(log);
         enter(&mut command, Some(&netns_path(&node.netns)), None)?;
+        if let Some(limit) = node.agent_nofile {
+            let limit = libc::rlimit {
+                rlim_cur: limit,
+                rlim_max: limit,
+            };
+            // SAFETY: setrlimit is async-signal-safe; lowering a limit needs no privilege.
+            unsafe {
+                command.pre_exec(move || {
+                    if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
+                        return Err(io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        }
         node.agent = Some(command.spawn().context("starting the agent")?);
         let socket = node.admin_socket.clone();
         let deadline = Instant::now() + Duration::from_secs(20);

@@ -61,6 +61,13 @@ enum Command {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// Setup, then the soak runs (`lab-soak` in interceptor-tests): a 20,000-connect flood of
+    /// a tunnel port and memory over rounds of 10,000 connections (~5 min).
+    Soak {
+        /// Arguments for lab-soak, e.g. `cargo xtask soak -- --help`.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
 }
 
 fn main() {
@@ -72,6 +79,7 @@ fn main() {
         Command::Test { args } => run::test(&args),
         Command::Demo { args } => run::demo(&args),
         Command::Bench { args } => run::bench(&args),
+        Command::Soak { args } => run::soak(&args),
     };
     if let Err(err) = result {
         eprintln!("xtask: error: {err:#}");
@@ -85,7 +93,10 @@ mod tests {
 
     fn args_of(argv: &[&str]) -> Vec<String> {
         match Cli::try_parse_from(argv).unwrap().command {
-            Command::Test { args } | Command::Demo { args } | Command::Bench { args } => args,
+            Command::Test { args }
+            | Command::Demo { args }
+            | Command::Bench { args }
+            | Command::Soak { args } => args,
             other => panic!("unexpected {other:?}"),
         }
     }

@@ -1,4 +1,4 @@
-//! `cargo xtask build | test | demo | bench`: setup, then cargo with output streamed.
+//! `cargo xtask build | test | demo | bench | soak`: setup, then cargo with output streamed.
 
 use std::process::Command;
 use std::time::Instant;
@@ -69,6 +69,13 @@ pub fn demo(args: &[String]) -> Result<()> {
     setup::setup()?;
     step("build", &mut build_cmd())?;
     step("demo", &mut lab_bin_cmd("lab-demo", args))
+}
+
+/// `cargo xtask soak`: setup, then the `lab-soak` binary of interceptor-tests.
+pub fn soak(args: &[String]) -> Result<()> {
+    setup::setup()?;
+    step("build", &mut build_cmd())?;
+    step("soak", &mut lab_bin_cmd("lab-soak", args))
 }
 
 /// `cargo xtask bench`: setup, then the `lab-bench` binary of interceptor-tests.

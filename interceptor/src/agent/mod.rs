@@ -21,8 +21,9 @@ use crate::{
     directory::MeshDirectory,
     ebpf::Kernel,
     identity::Ca,
+    limits::FdReserve,
     policy::PolicySet,
-    proxy::ProxyShared,
+    proxy::{ProxyShared, admission::Admission},
     records::RecordStore,
     workloads::{WorkloadKey, WorkloadSpec},
 };
@@ -65,6 +66,8 @@ pub struct AgentConfig {
     pub record_capacity: usize,
     /// Lifetime of workload certificates; they are renewed at half-life.
     pub cert_lifetime: std::time::Duration,
+    /// Deadlines and caps for unauthenticated connections on the tunnel ports.
+    pub tunnel_limits: crate::proxy::admission::TunnelLimits,
 }
 
 /// The running agent.
@@ -93,6 +96,8 @@ impl Agent {
             kernel: Arc::new(Mutex::new(kernel)),
             directory: MeshDirectory::open(&config.mesh_dir)?,
             records: Arc::new(RecordStore::new(config.record_capacity)),
+            admission: Admission::new(config.tunnel_limits),
+            fd_reserve: FdReserve::new().context("opening the reserve descriptor")?,
         });
         let policy = policy_sync::PolicyState::load(&config)?;
         let agent = Arc::new(Agent {
@@ -127,6 +132,11 @@ impl Agent {
     /// The connection records.
     pub fn records(&self) -> &RecordStore {
         &self.shared.records
+    }
+
+    /// Unauthenticated tunnel connections now.
+    pub fn pending_tunnels(&self) -> usize {
+        self.shared.admission.pending()
     }
 
     /// Kernel counters.

@@ -2,11 +2,18 @@
 
 use std::{net::SocketAddr, path::PathBuf};
 
+use std::time::Duration;
+
 use anyhow::Context;
 use clap::Args;
+use tracing::{info, warn};
 use tracing_subscriber::EnvFilter;
 
-use crate::agent::{Agent, AgentConfig};
+use crate::{
+    agent::{Agent, AgentConfig},
+    limits,
+    proxy::admission::TunnelLimits,
+};
 
 /// Run the node agent.
 ///
@@ -52,6 +59,23 @@ pub struct AgentArgs {
     /// Lifetime of workload certificates in seconds; each is renewed at half its life.
     #[arg(long, default_value_t = 86_400, value_parser = clap::value_parser!(u64).range(8..=31_536_000))]
     cert_lifetime_secs: u64,
+    /// Seconds a caller on a tunnel port (15008) has to complete the mutual-TLS handshake;
+    /// then it is reset.
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..=300))]
+    tunnel_handshake_timeout_secs: u64,
+    /// Seconds a caller on a tunnel port has, after the handshake, to send its tunnel
+    /// request; then it is reset.
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..=300))]
+    tunnel_request_timeout_secs: u64,
+    /// Most tunnel connections not yet authenticated at once, all pods of this node
+    /// together; more are reset at once. Lowered to a quarter of the open-file limit when
+    /// that is smaller.
+    #[arg(long, default_value_t = 4096, value_parser = clap::value_parser!(u32).range(1..))]
+    tunnel_max_pending: u32,
+    /// Most tunnel connections not yet authenticated at once from one source address; more
+    /// are reset at once.
+    #[arg(long, default_value_t = 512, value_parser = clap::value_parser!(u32).range(1..))]
+    tunnel_max_pending_per_source: u32,
 }
 
 /// Starts the runtime and the agent.
@@ -62,6 +86,7 @@ pub fn run(args: AgentArgs) -> anyhow::Result<()> {
         )
         .with_writer(std::io::stderr)
         .init();
+    let tunnel_limits = tunnel_limits(&args, raise_open_file_limit());
     let config = AgentConfig {
         bpf_dir: args
             .bpf_dir
@@ -76,11 +101,61 @@ pub fn run(args: AgentArgs) -> anyhow::Result<()> {
         root_namespace: args.root_namespace,
         metrics_addr: args.metrics_addr,
         record_capacity: args.record_capacity as usize,
-        cert_lifetime: std::time::Duration::from_secs(args.cert_lifetime_secs),
+        cert_lifetime: Duration::from_secs(args.cert_lifetime_secs),
+        tunnel_limits,
     };
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .context("starting the async runtime")?
         .block_on(Agent::run(config))
+}
+
+/// Raises the soft open-file limit to the hard one and says so; warns when it stays low.
+/// Returns the soft limit in force.
+fn raise_open_file_limit() -> u64 {
+    match limits::raise_nofile() {
+        Ok(limit) => {
+            info!(
+                before = limit.before,
+                soft = limit.soft,
+                hard = limit.hard,
+                "open-file limit (RLIMIT_NOFILE)"
+            );
+            if limit.soft < limits::LOW_NOFILE {
+                warn!(
+                    "the open-file limit is low: {} (hard limit {}); each proxied connection uses two descriptors in each agent, so this agent can serve at most about {} connections at once; raise the hard limit to at least {} (LimitNOFILE= in systemd, the container runtime's nofile ulimit)",
+                    limit.soft,
+                    limit.hard,
+                    limit.soft / 2,
+                    limits::LOW_NOFILE
+                );
+            }
+            limit.soft
+        }
+        Err(e) => {
+            let soft = limits::nofile_soft();
+            warn!("cannot raise the open-file limit (soft {soft}): {e}");
+            soft
+        }
+    }
+}
+
+/// The tunnel limits from the flags; unauthenticated connections may use at most a quarter
+/// of the descriptors, so a flood can never take those that real connections need.
+fn tunnel_limits(args: &AgentArgs, nofile: u64) -> TunnelLimits {
+    let fd_share = usize::try_from(nofile / 4).unwrap_or(usize::MAX).max(1);
+    let max_pending = (args.tunnel_max_pending as usize).min(fd_share);
+    if max_pending < args.tunnel_max_pending as usize {
+        warn!(
+            "--tunnel-max-pending lowered from {} to {max_pending}, a quarter of the open-file limit {nofile}",
+            args.tunnel_max_pending
+        );
+    }
+    TunnelLimits {
+        handshake_timeout: Duration::from_secs(args.tunnel_handshake_timeout_secs),
+        request_timeout: Duration::from_secs(args.tunnel_request_timeout_secs),
+        max_pending,
+        max_pending_per_source: (args.tunnel_max_pending_per_source as usize).min(max_pending),
+    }
 }

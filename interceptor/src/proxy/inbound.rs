@@ -5,17 +5,24 @@
 //! trust domain, which [`crate::tls`] checks during the handshake. Delivery over loopback keeps
 //! mesh traffic apart from plaintext arriving at the pod's address, which the kernel's
 //! sk_lookup program judges.
+//!
+//! Until a caller has completed the handshake and sent its tunnel request it is
+//! unauthenticated: [`admit`] caps such connections per source and per agent, each stage has
+//! a deadline, and a connection refused in this stage is reset (`SO_LINGER` 0, so it leaves
+//! no state behind) and recorded as aggregated noise, so a flood cannot push the records of
+//! real connections out of the store.
 
 use std::{
     net::{Ipv4Addr, SocketAddr, SocketAddrV4},
     sync::Arc,
 };
 
-use tokio::net::TcpStream;
+use tokio::{net::TcpStream, time::timeout};
 use tracing::debug;
 
 use super::{
     PodProxy, ProxyShared,
+    admission::Permit,
     header::{self, TunnelStatus},
     relay,
 };
@@ -24,14 +31,35 @@ use crate::{
     tls,
 };
 
-/// Serves one accepted connection.
-pub(super) async fn handle(
+/// Admits a connection to the tunnel port, or resets and records it at once when its source
+/// or the agent is over the cap of unauthenticated connections.
+pub(super) fn admit(
     stream: TcpStream,
     peer: SocketAddr,
     pod: Arc<PodProxy>,
     shared: Arc<ProxyShared>,
-) {
-    let mut conn = Connection {
+) -> Option<impl Future<Output = ()> + Send + 'static> {
+    // Until the request is read, any close is a reset: no FIN_WAIT or TIME_WAIT is left for
+    // a caller that proved nothing.
+    relay::reset(&stream);
+    match shared.admission.admit(peer.ip()) {
+        Ok(permit) => Some(handle(stream, peer, pod, shared, permit)),
+        Err(refusal) => {
+            drop(stream);
+            shared.records.refused_noise(
+                tunnel_connection(peer, &pod),
+                Verdict::Dropped,
+                refusal.label(),
+                refusal.describe(),
+            );
+            None
+        }
+    }
+}
+
+/// The record of a connection to the pod's tunnel port, before anything is known of it.
+pub(super) fn tunnel_connection(peer: SocketAddr, pod: &PodProxy) -> Connection {
+    Connection {
         direction: Direction::Inbound,
         source: peer,
         source_identity: None,
@@ -40,20 +68,48 @@ pub(super) async fn handle(
         destination_identity: Some(pod.identity.to_string()),
         destination_workload: Some(pod.workload.clone()),
         security: Security::MutualTls,
+    }
+}
+
+/// Serves one admitted connection.
+async fn handle(
+    stream: TcpStream,
+    peer: SocketAddr,
+    pod: Arc<PodProxy>,
+    shared: Arc<ProxyShared>,
+    permit: Permit,
+) {
+    let mut conn = tunnel_connection(peer, &pod);
+    let limits = *shared.admission.limits();
+    let handshake = timeout(
+        limits.handshake_timeout,
+        tls::accept(pod.tls.server(), relay::ReadAhead::new(stream)),
+    );
+    let (mut tunnel, client) = match handshake.await {
+        Ok(Ok(accepted)) => accepted,
+        Ok(Err(e)) => {
+            debug!(workload = %pod.workload, %peer, "tunnel handshake refused: {e}");
+            shared.records.refused_noise(
+                conn,
+                Verdict::Dropped,
+                "handshake_failed",
+                format!("mutual TLS handshake refused: {e}"),
+            );
+            return;
+        }
+        Err(_) => {
+            shared.records.refused_noise(
+                conn,
+                Verdict::Dropped,
+                "handshake_timeout",
+                format!(
+                    "reset: no mutual TLS handshake within {} s (--tunnel-handshake-timeout-secs)",
+                    limits.handshake_timeout.as_secs()
+                ),
+            );
+            return;
+        }
     };
-    let (mut tunnel, client) =
-        match tls::accept(pod.tls.server(), relay::ReadAhead::new(stream)).await {
-            Ok(accepted) => accepted,
-            Err(e) => {
-                debug!(workload = %pod.workload, %peer, "tunnel handshake refused: {e}");
-                shared.records.refused(
-                    conn,
-                    Verdict::Dropped,
-                    format!("mutual TLS handshake refused: {e}"),
-                );
-                return;
-            }
-        };
     conn.source_identity = Some(client.to_string());
     conn.source_workload = shared
         .directory
@@ -61,15 +117,33 @@ pub(super) async fn handle(
         .ok()
         .flatten()
         .map(|entry| entry.workload);
-    let port = match header::read_request(&mut tunnel).await {
-        Ok(port) => port,
-        Err(e) => {
-            shared
-                .records
-                .refused(conn, Verdict::Failed, format!("tunnel request: {e}"));
+    let port = match timeout(limits.request_timeout, header::read_request(&mut tunnel)).await {
+        Ok(Ok(port)) => port,
+        Ok(Err(e)) => {
+            shared.records.refused_noise(
+                conn,
+                Verdict::Failed,
+                "request_failed",
+                format!("tunnel request: {e}"),
+            );
+            return;
+        }
+        Err(_) => {
+            shared.records.refused_noise(
+                conn,
+                Verdict::Failed,
+                "request_timeout",
+                format!(
+                    "reset: no tunnel request within {} s of the handshake (--tunnel-request-timeout-secs)",
+                    limits.request_timeout.as_secs()
+                ),
+            );
             return;
         }
     };
+    // Authenticated and asked for a port: from here on the connection closes gracefully.
+    drop(permit);
+    graceful_close(tunnel.get_ref().0.get_ref());
     conn.destination = SocketAddr::V4(SocketAddrV4::new(pod.ip, port));
     let mut app = match pod
         .netns
@@ -108,6 +182,13 @@ pub(super) async fn handle(
             shared.records.close(id, 0, 0, Some(format!("relay: {e}")));
         }
     }
+}
+
+/// Clears the zero linger set at accept, so the connection ends with a FIN again.
+fn graceful_close(stream: &TcpStream) {
+    // Deprecated because a non-zero linger blocks on drop; `None` turns lingering off.
+    #[allow(deprecated)]
+    let _ = stream.set_linger(None);
 }
 
 fn ip_of(addr: SocketAddr) -> Ipv4Addr {

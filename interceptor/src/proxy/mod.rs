@@ -6,8 +6,10 @@
 //! - `<pod ip>:15008`, the mutual-TLS tunnel listener other agents connect to ([`inbound`]).
 //!
 //! Both ends of a tunnel speak the small header in [`header`] after the TLS handshake; bytes
-//! are then relayed by [`relay`].
+//! are then relayed by [`relay`]. Who may be unauthenticated on a tunnel port, and for how
+//! long, is [`admission`]'s business.
 
+pub mod admission;
 pub mod header;
 pub mod inbound;
 pub mod outbound;
@@ -16,6 +18,7 @@ pub mod relay;
 use std::{
     net::{Ipv4Addr, SocketAddr, SocketAddrV4},
     sync::{Arc, Mutex},
+    time::{Duration, Instant},
 };
 
 use interceptor_common::{OUTBOUND_PORT, TUNNEL_PORT};
@@ -26,8 +29,14 @@ use tokio::{
 use tracing::warn;
 
 use crate::{
-    directory::MeshDirectory, ebpf::Kernel, identity::Identity, netns::PodNetns,
-    records::RecordStore, tls::PodTls, workloads::WorkloadKey,
+    directory::MeshDirectory,
+    ebpf::Kernel,
+    identity::Identity,
+    limits::{self, FdReserve},
+    netns::PodNetns,
+    records::{Connection, Direction, RecordStore, Security, Verdict},
+    tls::PodTls,
+    workloads::WorkloadKey,
 };
 
 /// What the proxies know about the pod they serve.
@@ -52,6 +61,19 @@ pub struct ProxyShared {
     pub directory: MeshDirectory,
     /// Where connections are recorded.
     pub records: Arc<RecordStore>,
+    /// Caps and deadlines for unauthenticated tunnel connections.
+    pub admission: Arc<admission::Admission>,
+    /// The descriptor kept aside to reset connections while descriptors are exhausted.
+    pub fd_reserve: FdReserve,
+}
+
+/// Which of a pod's listeners an accept loop serves.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Listener {
+    /// `127.0.0.1:15001`, the pod's redirected connects.
+    Outbound,
+    /// `<pod ip>:15008`, tunnels from other agents.
+    Tunnel,
 }
 
 /// Binds the pod's listeners and starts serving them; the tasks stop when aborted.
@@ -65,33 +87,110 @@ pub fn start(pod: Arc<PodProxy>, shared: Arc<ProxyShared>) -> std::io::Result<Ve
             outbound_listener,
             pod.clone(),
             shared.clone(),
-            outbound::handle,
+            Listener::Outbound,
+            |stream, peer, pod, shared| Some(outbound::handle(stream, peer, pod, shared)),
         )),
-        tokio::spawn(accept_loop(tunnel_listener, pod, shared, inbound::handle)),
+        tokio::spawn(accept_loop(
+            tunnel_listener,
+            pod,
+            shared,
+            Listener::Tunnel,
+            inbound::admit,
+        )),
     ])
 }
 
-/// Accepts connections until the task is aborted, serving each in its own task.
+/// Accepts connections until the task is aborted, serving each in its own task; `serve`
+/// returns `None` for a connection it refused at once.
+///
+/// When descriptors run out, accept fails while the connection waits in the kernel's queue;
+/// rather than leave it hanging (and spin on the error), the loop frees its reserve
+/// descriptor, accepts the connection, resets it and records why.
 async fn accept_loop<F, Fut>(
     listener: TcpListener,
     pod: Arc<PodProxy>,
     shared: Arc<ProxyShared>,
-    handle: F,
+    kind: Listener,
+    serve: F,
 ) where
-    F: Fn(TcpStream, SocketAddr, Arc<PodProxy>, Arc<ProxyShared>) -> Fut,
+    F: Fn(TcpStream, SocketAddr, Arc<PodProxy>, Arc<ProxyShared>) -> Option<Fut>,
     Fut: Future<Output = ()> + Send + 'static,
 {
+    let mut last_warning: Option<Instant> = None;
     loop {
         match listener.accept().await {
             Ok((stream, peer)) => {
                 let _ = stream.set_nodelay(true);
-                tokio::spawn(handle(stream, peer, pod.clone(), shared.clone()));
+                if let Some(task) = serve(stream, peer, pod.clone(), shared.clone()) {
+                    tokio::spawn(task);
+                }
+            }
+            Err(e) if limits::is_fd_exhaustion(&e) => {
+                let message = limits::fd_exhaustion_message(&e);
+                if last_warning.is_none_or(|at| at.elapsed() > Duration::from_secs(10)) {
+                    warn!(workload = %pod.workload, "{kind:?} listener: {message}; resetting new connections until descriptors are free");
+                    last_warning = Some(Instant::now());
+                }
+                match shared.fd_reserve.reset_one(&listener) {
+                    Some(Ok(peer)) => {
+                        refused_for_lack_of_descriptors(kind, peer, &pod, &shared, message);
+                        tokio::task::yield_now().await;
+                    }
+                    // The connection went away before it could be taken.
+                    Some(Err(e)) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                    // The reserve is in use by another listener, or itself lost: back off.
+                    Some(Err(_)) | None => tokio::time::sleep(Duration::from_millis(10)).await,
+                }
             }
             Err(e) => {
-                // Out of descriptors or memory: back off instead of spinning.
+                // Out of memory or buffers: back off instead of spinning.
                 warn!(workload = %pod.workload, "accept on {:?}: {e}", listener.local_addr());
-                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                tokio::time::sleep(Duration::from_millis(50)).await;
             }
         }
     }
+}
+
+/// Records a connection reset because the agent had no descriptor to serve it.
+fn refused_for_lack_of_descriptors(
+    kind: Listener,
+    peer: SocketAddr,
+    pod: &PodProxy,
+    shared: &ProxyShared,
+    message: String,
+) {
+    let conn = match kind {
+        Listener::Tunnel => inbound::tunnel_connection(peer, pod),
+        Listener::Outbound => {
+            let original =
+                shared.kernel.lock().ok().and_then(|mut kernel| {
+                    kernel.take_original_dst(pod.netns.cookie(), peer.port())
+                });
+            let destination = original.map_or(
+                SocketAddrV4::new(Ipv4Addr::LOCALHOST, OUTBOUND_PORT),
+                |(ip, port)| SocketAddrV4::new(ip, port),
+            );
+            let meshed = matches!(shared.directory.lookup(*destination.ip()), Ok(Some(_)));
+            Connection {
+                direction: Direction::Outbound,
+                source: SocketAddr::V4(SocketAddrV4::new(pod.ip, peer.port())),
+                source_identity: Some(pod.identity.to_string()),
+                source_workload: Some(pod.workload.clone()),
+                destination: SocketAddr::V4(destination),
+                destination_identity: None,
+                destination_workload: None,
+                security: if meshed {
+                    Security::MutualTls
+                } else {
+                    Security::Plaintext
+                },
+            }
+        }
+    };
+    shared.records.refused_noise(
+        conn,
+        Verdict::Failed,
+        "fd_limit",
+        format!("reset on accept: {message}"),
+    );
 }

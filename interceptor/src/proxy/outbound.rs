@@ -21,6 +21,7 @@ use super::{
 };
 use crate::{
     directory::DirectoryEntry,
+    limits,
     records::{Connection, Direction, Security, Verdict},
     tls,
 };
@@ -50,9 +51,11 @@ pub(super) async fn handle(
         Ok(None) => plaintext(&mut client, source, destination, &pod, &shared).await,
         Err(e) => {
             let conn = new_connection(source, destination, &pod, None, Security::MutualTls);
-            shared
-                .records
-                .refused(conn, Verdict::Failed, format!("mesh directory: {e}"));
+            shared.records.refused(
+                conn,
+                Verdict::Failed,
+                format!("mesh directory: {}", limits::explain(e)),
+            );
             relay::reset(&client);
         }
     }
@@ -67,7 +70,19 @@ async fn mutual_tls(
     shared: &ProxyShared,
 ) {
     let conn = new_connection(source, destination, pod, Some(&entry), Security::MutualTls);
-    let tunnel = match open_tunnel(destination, &entry, pod).await {
+    // The destination agent answers within its own deadlines; this one bounds an agent that
+    // does not answer at all.
+    let limits = shared.admission.limits();
+    let deadline = limits.handshake_timeout + limits.request_timeout;
+    let opened = tokio::time::timeout(deadline, open_tunnel(destination, &entry, pod))
+        .await
+        .unwrap_or_else(|_| {
+            Err(format!(
+                "the destination agent did not open the tunnel within {} s",
+                deadline.as_secs()
+            ))
+        });
+    let tunnel = match opened {
         Ok(tunnel) => tunnel,
         Err(reason) => {
             debug!(workload = %pod.workload, %destination, "tunnel failed: {reason}");

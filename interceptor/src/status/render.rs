@@ -110,8 +110,18 @@ pub fn record_row(r: &ConnectionRecord, colour: bool) -> String {
         bytes(r.bytes_received),
         format!("{:.1}s", r.duration_ms as f64 / 1000.0),
         if r.open { "open" } else { "closed" },
-        r.reason.as_deref().unwrap_or("")
+        reason(r)
     )
+}
+
+/// The reason, with the count of an aggregated record.
+fn reason(r: &ConnectionRecord) -> String {
+    let text = r.reason.as_deref().unwrap_or("");
+    if r.count > 1 {
+        format!("{text} (×{} from this address)", r.count)
+    } else {
+        text.to_owned()
+    }
 }
 
 fn paint(text: &str, colour_code: &str, colour: bool) -> String {

@@ -121,6 +121,43 @@ enum Fixture {
         #[arg(long)]
         max: u64,
     },
+    /// Opens connections and sends nothing (or a payload once, or a byte every interval), as
+    /// an attacker at a tunnel port would, then watches how the server ends them. Prints JSON:
+    /// how many connected, were reset, got EOF or stayed open, and after how long.
+    Idle {
+        /// Destination.
+        #[arg(long)]
+        to: SocketAddr,
+        /// How many connections.
+        #[arg(long)]
+        connections: usize,
+        /// Send this once right after connecting.
+        #[arg(long)]
+        payload: Option<String>,
+        /// Send one byte this often (a slow handshake).
+        #[arg(long)]
+        trickle_ms: Option<u64>,
+        /// Watch this many milliseconds after the last connect (at most).
+        #[arg(long)]
+        watch_ms: u64,
+        /// Give up connecting after this many milliseconds in all.
+        #[arg(long, default_value_t = 60_000)]
+        max_connect_ms: u64,
+    },
+    /// Opens connections to an echo server from several threads, each checked with a
+    /// one-byte round trip, and counts how each ended: ok, refused, reset, eof or timeout
+    /// (5 s). Good connections are held until all attempts are done. Prints JSON.
+    Attempt {
+        /// Destination (an echo server that serves a thread per connection).
+        #[arg(long)]
+        to: SocketAddr,
+        /// How many connections.
+        #[arg(long)]
+        connections: usize,
+        /// Client threads.
+        #[arg(long, default_value_t = 8)]
+        threads: usize,
+    },
     /// Opens connections to an echo server, checks each with a one-byte round trip, prints
     /// "ready <n>", and holds them until stdin closes or the time limit passes.
     Hold {
@@ -189,6 +226,26 @@ fn main() -> anyhow::Result<()> {
             connections,
             max_ms,
         } => hold(to, connections, Duration::from_millis(max_ms)),
+        Fixture::Idle {
+            to,
+            connections,
+            payload,
+            trickle_ms,
+            watch_ms,
+            max_connect_ms,
+        } => idle(
+            to,
+            connections,
+            payload.as_deref().unwrap_or("").as_bytes(),
+            trickle_ms.map(Duration::from_millis),
+            Duration::from_millis(watch_ms),
+            Duration::from_millis(max_connect_ms),
+        ),
+        Fixture::Attempt {
+            to,
+            connections,
+            threads,
+        } => attempt(to, connections, threads),
     }
 }
 
@@ -598,6 +655,218 @@ fn hold(to: SocketAddr, connections: usize, max: Duration) -> anyhow::Result<()>
         let _ = tx.send(());
     });
     let _ = rx.recv_timeout(max.saturating_sub(started.elapsed()));
+    drop(held);
+    Ok(())
+}
+
+/// One idle connection being watched.
+struct Watched {
+    stream: TcpStream,
+    opened: Instant,
+}
+
+/// How the watched connections ended.
+#[derive(Default)]
+struct Tally {
+    connected: u64,
+    reset: u64,
+    eof: u64,
+    data: u64,
+    closed_after: Vec<u64>,
+}
+
+impl Tally {
+    /// One poll over the open connections (waiting at most `wait_ms`); closed ones are
+    /// counted and dropped. With `trickle`, every open one is sent a byte.
+    fn watch(&mut self, open: &mut Vec<Watched>, wait_ms: i32, trickle: bool) {
+        let mut fds: Vec<libc::pollfd> = open
+            .iter()
+            .map(|w| libc::pollfd {
+                fd: std::os::fd::AsRawFd::as_raw_fd(&w.stream),
+                events: libc::POLLIN | libc::POLLRDHUP,
+                revents: 0,
+            })
+            .collect();
+        // SAFETY: poll over a valid array of pollfd structs.
+        unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, wait_ms) };
+        let mut buf = [0u8; 4096];
+        let mut index = 0;
+        open.retain_mut(|w| {
+            let revents = fds[index].revents;
+            index += 1;
+            let mut closed = None;
+            if revents != 0 {
+                closed = match w.stream.read(&mut buf) {
+                    Ok(0) => Some(false),
+                    Ok(_) => {
+                        self.data += 1;
+                        None
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => None,
+                    Err(_) => Some(true),
+                };
+            }
+            if closed.is_none() && trickle && w.stream.write(&[0x16]).is_err() {
+                closed = Some(true);
+            }
+            match closed {
+                Some(was_reset) => {
+                    if was_reset {
+                        self.reset += 1;
+                    } else {
+                        self.eof += 1;
+                    }
+                    self.closed_after
+                        .push(w.opened.elapsed().as_millis() as u64);
+                    false
+                }
+                None => true,
+            }
+        });
+    }
+}
+
+fn idle(
+    to: SocketAddr,
+    connections: usize,
+    payload: &[u8],
+    trickle: Option<Duration>,
+    watch: Duration,
+    max_connect: Duration,
+) -> anyhow::Result<()> {
+    raise_fd_limit();
+    let started = Instant::now();
+    let mut open: Vec<Watched> = Vec::with_capacity(connections);
+    let mut tally = Tally::default();
+    let mut connect_failed = 0u64;
+    let mut last_error = None;
+    let mut last_trickle = Instant::now();
+    for i in 0..connections {
+        if started.elapsed() > max_connect {
+            break;
+        }
+        // Notice closes while still connecting, so their times are not inflated.
+        if i % 64 == 63 {
+            tally.watch(&mut open, 0, false);
+        }
+        match TcpStream::connect_timeout(&to, Duration::from_secs(2)) {
+            Ok(mut stream) => {
+                if !payload.is_empty() {
+                    let _ = stream.write_all(payload);
+                }
+                stream.set_nonblocking(true)?;
+                tally.connected += 1;
+                open.push(Watched {
+                    stream,
+                    opened: Instant::now(),
+                });
+            }
+            // Reset before connect() returned: counted as connected and reset at once.
+            Err(e) if e.kind() == io::ErrorKind::ConnectionReset => {
+                tally.reset += 1;
+                tally.connected += 1;
+                tally.closed_after.push(0);
+            }
+            Err(e) => {
+                connect_failed += 1;
+                last_error = Some(e.to_string());
+            }
+        }
+    }
+    let attempted_secs = started.elapsed().as_secs_f64();
+    let watch_until = Instant::now() + watch;
+    while !open.is_empty() && Instant::now() < watch_until {
+        let trickle_now = trickle.is_some_and(|every| last_trickle.elapsed() >= every);
+        if trickle_now {
+            last_trickle = Instant::now();
+        }
+        tally.watch(&mut open, 50, trickle_now);
+    }
+    let Tally {
+        connected,
+        reset,
+        eof,
+        data,
+        mut closed_after,
+    } = tally;
+    closed_after.sort_unstable();
+    let pct = |p: f64| {
+        let rank = ((p / 100.0) * closed_after.len() as f64).ceil() as usize;
+        closed_after
+            .get(rank.clamp(1, closed_after.len().max(1)) - 1)
+            .copied()
+            .unwrap_or(0)
+    };
+    println!(
+        "{{\"attempted\":{connections},\"connected\":{connected},\"connect_failed\":{connect_failed},\"connect_secs\":{attempted_secs:.3},\"reset\":{reset},\"eof\":{eof},\"answered_data\":{data},\"open_at_end\":{},\"closed_ms_min\":{},\"closed_ms_p50\":{},\"closed_ms_max\":{},\"last_connect_error\":{}}}",
+        open.len(),
+        pct(0.0),
+        pct(50.0),
+        pct(100.0),
+        last_error.map_or("null".to_owned(), |e| format!("{e:?}")),
+    );
+    Ok(())
+}
+
+fn attempt(to: SocketAddr, connections: usize, threads: usize) -> anyhow::Result<()> {
+    raise_fd_limit();
+    anyhow::ensure!(threads > 0, "--threads must be positive");
+    let next = std::sync::Arc::new(AtomicU64::new(0));
+    let workers: Vec<_> = (0..threads)
+        .map(|_| {
+            let next = next.clone();
+            std::thread::spawn(move || {
+                let mut held = Vec::new();
+                let mut outcomes: Vec<&'static str> = Vec::new();
+                while next.fetch_add(1, Ordering::Relaxed) < connections as u64 {
+                    let result = TcpStream::connect_timeout(&to, Duration::from_secs(5)).and_then(
+                        |mut stream| {
+                            stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+                            stream.write_all(b"a")?;
+                            let mut back = [0u8; 1];
+                            match stream.read(&mut back)? {
+                                0 => Err(io::ErrorKind::UnexpectedEof.into()),
+                                _ => Ok(stream),
+                            }
+                        },
+                    );
+                    outcomes.push(match result {
+                        Ok(stream) => {
+                            held.push(stream);
+                            "ok"
+                        }
+                        Err(e) => match e.kind() {
+                            io::ErrorKind::ConnectionRefused => "refused",
+                            io::ErrorKind::ConnectionReset | io::ErrorKind::BrokenPipe => "reset",
+                            io::ErrorKind::UnexpectedEof => "eof",
+                            _ => "timeout",
+                        },
+                    });
+                }
+                (outcomes, held)
+            })
+        })
+        .collect();
+    let mut counts = std::collections::BTreeMap::<&str, u64>::new();
+    let mut held = Vec::new();
+    for worker in workers {
+        let (outcomes, mut streams) = worker
+            .join()
+            .map_err(|_| anyhow::anyhow!("a client thread panicked"))?;
+        for outcome in outcomes {
+            *counts.entry(outcome).or_default() += 1;
+        }
+        held.append(&mut streams);
+    }
+    let count = |k: &str| counts.get(k).copied().unwrap_or(0);
+    println!(
+        "{{\"ok\":{},\"refused\":{},\"reset\":{},\"eof\":{},\"timeout\":{}}}",
+        count("ok"),
+        count("refused"),
+        count("reset"),
+        count("eof"),
+        count("timeout")
+    );
     drop(held);
     Ok(())
 }
