@@ -22,6 +22,7 @@ use crate::{
     ebpf::Kernel,
     identity::Ca,
     limits::FdReserve,
+    mesh::Mesh,
     policy::PolicySet,
     proxy::{ProxyShared, admission::Admission},
     records::RecordStore,
@@ -38,6 +39,10 @@ pub fn describe_decision(decision: &crate::policy::Decision) -> String {
         None => format!("{} (mesh default, no policy)", decision.mode),
     }
 }
+
+/// How often the mesh view is re-read whole, to see other nodes' withdrawals and changes
+/// (additions are confirmed at first use).
+const MESH_REFRESH: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Everything `interceptor agent` is told on its command line.
 #[derive(Clone, Debug)]
@@ -94,7 +99,7 @@ impl Agent {
             .with_context(|| format!("state directory {}", config.state_dir.display()))?;
         let shared = Arc::new(ProxyShared {
             kernel: Arc::new(Mutex::new(kernel)),
-            directory: MeshDirectory::open(&config.mesh_dir)?,
+            mesh: Arc::new(Mesh::new(Arc::new(MeshDirectory::open(&config.mesh_dir)?))),
             records: Arc::new(RecordStore::new(config.record_capacity)),
             admission: Admission::new(config.tunnel_limits),
             fd_reserve: FdReserve::new().context("opening the reserve descriptor")?,
@@ -112,6 +117,7 @@ impl Agent {
         agent.restore_workloads().await;
         tokio::spawn(events::serve(events, agent.clone()));
         tokio::spawn(rotate_certificates(agent.clone()));
+        tokio::spawn(agent.shared.mesh.clone().refresh(MESH_REFRESH));
         if agent.config.policy_dir.is_some() {
             tokio::spawn(policy_sync::watch_policy_dir(agent.clone()));
         }

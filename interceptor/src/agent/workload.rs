@@ -12,8 +12,8 @@ use tracing::{info, warn};
 
 use super::Agent;
 use crate::{
-    directory::DirectoryEntry,
     identity::Identity,
+    mesh::MeshPeer,
     netns::PodNetns,
     proxy::{self, PodProxy},
     tls,
@@ -173,14 +173,16 @@ impl Agent {
         };
         self.program_kernel(&running)?;
         self.shared
-            .directory
-            .publish(&DirectoryEntry {
+            .mesh
+            .announce(
                 ip,
-                identity: running.identity.to_string(),
-                workload: key,
-                node: self.config.node_name.clone(),
-            })
-            .map_err(|e| format!("publishing to the mesh directory: {e}"))?;
+                MeshPeer {
+                    identity: running.identity.clone(),
+                    workload: key,
+                    node: self.config.node_name.clone(),
+                },
+            )
+            .map_err(|e| format!("announcing to the mesh: {e}"))?;
         Ok(running)
     }
 
@@ -240,8 +242,8 @@ impl Agent {
     }
 
     fn stop_workload(&self, running: &RunningWorkload) {
-        if let Err(e) = self.shared.directory.withdraw(running.ip) {
-            warn!("withdrawing {} from the mesh directory: {e}", running.ip);
+        if let Err(e) = self.shared.mesh.withdraw(running.ip) {
+            warn!("withdrawing {} from the mesh: {e}", running.ip);
         }
         if let Ok(mut kernel) = self.shared.kernel.lock() {
             if let Err(e) = kernel.unenroll(running.netns.cookie()) {
@@ -278,11 +280,9 @@ impl Agent {
     fn save_workloads(&self, workloads: &std::collections::BTreeMap<WorkloadKey, RunningWorkload>) {
         let specs: Vec<&WorkloadSpec> = workloads.values().map(|w| &w.spec).collect();
         let path = self.workloads_file();
-        let tmp = path.with_extension("tmp");
         let written = serde_json::to_vec_pretty(&specs)
             .map_err(std::io::Error::other)
-            .and_then(|bytes| std::fs::write(&tmp, bytes))
-            .and_then(|()| std::fs::rename(&tmp, &path));
+            .and_then(|bytes| crate::fsutil::write_atomically(&path, &bytes));
         if let Err(e) = written {
             warn!("saving {}: {e}", path.display());
         }

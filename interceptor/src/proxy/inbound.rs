@@ -111,12 +111,7 @@ async fn handle(
         }
     };
     conn.source_identity = Some(client.to_string());
-    conn.source_workload = shared
-        .directory
-        .lookup(ip_of(peer))
-        .ok()
-        .flatten()
-        .map(|entry| entry.workload);
+    conn.source_workload = shared.mesh.peer(ip_of(peer)).map(|p| p.workload.clone());
     let port = match timeout(limits.request_timeout, header::read_request(&mut tunnel)).await {
         Ok(Ok(port)) => port,
         Ok(Err(e)) => {

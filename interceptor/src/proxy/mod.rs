@@ -29,10 +29,10 @@ use tokio::{
 use tracing::warn;
 
 use crate::{
-    directory::MeshDirectory,
     ebpf::Kernel,
     identity::Identity,
     limits::{self, FdReserve},
+    mesh::{Membership, Mesh},
     netns::PodNetns,
     records::{Connection, Direction, RecordStore, Security, Verdict},
     tls::PodTls,
@@ -58,7 +58,7 @@ pub struct ProxyShared {
     /// The kernel maps (original destinations).
     pub kernel: Arc<Mutex<Kernel>>,
     /// Which destinations are in the mesh.
-    pub directory: MeshDirectory,
+    pub mesh: Arc<Mesh>,
     /// Where connections are recorded.
     pub records: Arc<RecordStore>,
     /// Caps and deadlines for unauthenticated tunnel connections.
@@ -170,7 +170,7 @@ fn refused_for_lack_of_descriptors(
                 SocketAddrV4::new(Ipv4Addr::LOCALHOST, OUTBOUND_PORT),
                 |(ip, port)| SocketAddrV4::new(ip, port),
             );
-            let meshed = matches!(shared.directory.lookup(*destination.ip()), Ok(Some(_)));
+            let meshed = !matches!(shared.mesh.cached(*destination.ip()), Membership::Outside);
             Connection {
                 direction: Direction::Outbound,
                 source: SocketAddr::V4(SocketAddrV4::new(pod.ip, peer.port())),

@@ -20,8 +20,7 @@ use super::{
     relay::{self, Moved},
 };
 use crate::{
-    directory::DirectoryEntry,
-    limits,
+    mesh::{Membership, MeshPeer},
     records::{Connection, Direction, Security, Verdict},
     tls,
 };
@@ -46,16 +45,17 @@ pub(super) async fn handle(
     };
     let destination = SocketAddrV4::new(ip, port);
     let source = SocketAddr::V4(SocketAddrV4::new(pod.ip, peer.port()));
-    match shared.directory.lookup(ip) {
-        Ok(Some(entry)) => mutual_tls(&mut client, source, destination, entry, &pod, &shared).await,
-        Ok(None) => plaintext(&mut client, source, destination, &pod, &shared).await,
-        Err(e) => {
+    match shared.mesh.resolve(ip).await {
+        Membership::Meshed(peer) => {
+            mutual_tls(&mut client, source, destination, &peer, &pod, &shared).await
+        }
+        Membership::Outside => plaintext(&mut client, source, destination, &pod, &shared).await,
+        Membership::Unknown(why) => {
+            // Fail closed: a destination the mesh cannot vouch for is not sent plaintext.
             let conn = new_connection(source, destination, &pod, None, Security::MutualTls);
-            shared.records.refused(
-                conn,
-                Verdict::Failed,
-                format!("mesh directory: {}", limits::explain(e)),
-            );
+            shared
+                .records
+                .refused(conn, Verdict::Failed, why.to_string());
             relay::reset(&client);
         }
     }
@@ -65,16 +65,16 @@ async fn mutual_tls(
     client: &mut TcpStream,
     source: SocketAddr,
     destination: SocketAddrV4,
-    entry: DirectoryEntry,
+    peer: &MeshPeer,
     pod: &PodProxy,
     shared: &ProxyShared,
 ) {
-    let conn = new_connection(source, destination, pod, Some(&entry), Security::MutualTls);
+    let conn = new_connection(source, destination, pod, Some(peer), Security::MutualTls);
     // The destination agent answers within its own deadlines; this one bounds an agent that
     // does not answer at all.
     let limits = shared.admission.limits();
     let deadline = limits.handshake_timeout + limits.request_timeout;
-    let opened = tokio::time::timeout(deadline, open_tunnel(destination, &entry, pod))
+    let opened = tokio::time::timeout(deadline, open_tunnel(destination, peer, pod))
         .await
         .unwrap_or_else(|_| {
             Err(format!(
@@ -107,20 +107,16 @@ async fn mutual_tls(
 /// connect to the destination port.
 async fn open_tunnel(
     destination: SocketAddrV4,
-    entry: &DirectoryEntry,
+    peer: &MeshPeer,
     pod: &PodProxy,
 ) -> Result<tokio_rustls::client::TlsStream<relay::ReadAhead<TcpStream>>, String> {
-    let expected = entry
-        .identity
-        .parse()
-        .map_err(|e| format!("mesh directory identity {:?}: {e}", entry.identity))?;
     let tcp = pod
         .netns
         .connect(SocketAddrV4::new(*destination.ip(), TUNNEL_PORT))
         .await
         .map_err(|e| format!("connecting to the destination agent: {e}"))?;
     let (mut tunnel, _server) =
-        tls::connect(pod.tls.client(), &expected, relay::ReadAhead::new(tcp))
+        tls::connect(pod.tls.client(), &peer.identity, relay::ReadAhead::new(tcp))
             .await
             .map_err(|e| format!("mutual TLS with the destination agent: {e}"))?;
     header::write_request(&mut tunnel, destination.port())
@@ -184,7 +180,7 @@ fn new_connection(
     source: SocketAddr,
     destination: SocketAddrV4,
     pod: &PodProxy,
-    entry: Option<&DirectoryEntry>,
+    peer: Option<&MeshPeer>,
     security: Security,
 ) -> Connection {
     Connection {
@@ -193,8 +189,8 @@ fn new_connection(
         source_identity: Some(pod.identity.to_string()),
         source_workload: Some(pod.workload.clone()),
         destination: SocketAddr::V4(destination),
-        destination_identity: entry.map(|e| e.identity.clone()),
-        destination_workload: entry.map(|e| e.workload.clone()),
+        destination_identity: peer.map(|p| p.identity.to_string()),
+        destination_workload: peer.map(|p| p.workload.clone()),
         security,
     }
 }
