@@ -6,8 +6,9 @@
 
 use std::{
     fs::File,
-    net::Ipv4Addr,
+    net::{Ipv4Addr, SocketAddrV4},
     path::{Path, PathBuf},
+    sync::Mutex,
 };
 
 use aya::{
@@ -105,20 +106,80 @@ macro_rules! attach_to_cgroup {
     }};
 }
 
-/// The loaded programs and the maps the agent uses.
+/// The loaded programs and the maps enrolment and policy write.
 pub struct Kernel {
     bpf: Ebpf,
     links_dir: PathBuf,
     enrolled: HashMap<MapData, u64, u32>,
-    original_dst: HashMap<MapData, PodPortKey, OriginalDst>,
     inbound_mode: HashMap<MapData, InboundKey, u32>,
+}
+
+/// Everything [`Kernel::load`] gives: the agent keeps the writer, and hands the narrow
+/// handles to whoever reads them, so no reader shares the writer's lock.
+pub struct LoadedKernel {
+    /// Enrolment and inbound modes (the agent's).
+    pub kernel: Kernel,
+    /// Original destinations of redirected connects (the outbound proxy's).
+    pub original_dsts: OriginalDsts,
+    /// The per-CPU counters (metrics' and status').
+    pub counters: CounterReader,
+    /// The kernel events ring buffer (the event reader's).
+    pub events: RingBuf<MapData>,
+}
+
+/// The original destinations connect4 saved, keyed by pod and client port.
+pub struct OriginalDsts {
+    // Its own lock, held for one lookup-and-delete: aya's `remove` takes `&mut`.
+    map: Mutex<HashMap<MapData, PodPortKey, OriginalDst>>,
+}
+
+impl OriginalDsts {
+    /// Takes the original destination of a redirected connection, found by the pod's network
+    /// namespace and the client's local port.
+    pub fn take(&self, netns_cookie: u64, port: u16) -> Option<SocketAddrV4> {
+        let key = PodPortKey {
+            netns_cookie,
+            port,
+            _pad: [0; 6],
+        };
+        let mut map = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        let dst = map.get(&key, 0).ok()?;
+        let _ = map.remove(&key);
+        Some(SocketAddrV4::new(
+            Ipv4Addr::from(u32::from_be(dst.ip4)),
+            dst.port,
+        ))
+    }
+}
+
+/// Reads the kernel programs' per-CPU counters.
+pub struct CounterReader {
     counters: PerCpuArray<MapData, u64>,
+}
+
+impl CounterReader {
+    /// Current totals of the kernel counters.
+    pub fn read(&self) -> KernelCounters {
+        let total = |index: u32| -> u64 {
+            self.counters
+                .get(&index, 0)
+                .map(|per_cpu| per_cpu.iter().sum())
+                .unwrap_or(0)
+        };
+        debug_assert_eq!(COUNTERS, 4);
+        KernelCounters {
+            redirected: total(interceptor_common::COUNTER_REDIRECTED),
+            strict_drops: total(interceptor_common::COUNTER_STRICT_DROPS),
+            events_lost: total(interceptor_common::COUNTER_EVENTS_LOST),
+            plaintext_accepted: total(interceptor_common::COUNTER_PLAINTEXT_ACCEPTED),
+        }
+    }
 }
 
 impl Kernel {
     /// Loads the programs with maps pinned under `bpf_dir` and attaches capture to the pods'
     /// cgroup (unless a previous agent's pinned links are still there).
-    pub fn load(bpf_dir: &Path, pods_cgroup: &Path) -> Result<Self, EbpfError> {
+    pub fn load(bpf_dir: &Path, pods_cgroup: &Path) -> Result<LoadedKernel, EbpfError> {
         let maps_dir = bpf_dir.join("maps");
         let links_dir = bpf_dir.join("links");
         for dir in [&maps_dir, &links_dir] {
@@ -154,19 +215,21 @@ impl Kernel {
                 name: POD_DOOR,
                 source,
             })?;
-        Ok(Self {
-            enrolled: take_map(&mut bpf, "ENROLLED")?,
-            original_dst: take_map(&mut bpf, "ORIG_BY_PORT")?,
-            inbound_mode: take_map(&mut bpf, "INBOUND_MODE")?,
-            counters: take_map(&mut bpf, "COUNTERS")?,
-            links_dir,
-            bpf,
+        Ok(LoadedKernel {
+            original_dsts: OriginalDsts {
+                map: Mutex::new(take_map(&mut bpf, "ORIG_BY_PORT")?),
+            },
+            counters: CounterReader {
+                counters: take_map(&mut bpf, "COUNTERS")?,
+            },
+            events: take_map(&mut bpf, "EVENTS")?,
+            kernel: Kernel {
+                enrolled: take_map(&mut bpf, "ENROLLED")?,
+                inbound_mode: take_map(&mut bpf, "INBOUND_MODE")?,
+                links_dir,
+                bpf,
+            },
         })
-    }
-
-    /// The kernel events ring buffer; call once.
-    pub fn take_events(&mut self) -> Result<RingBuf<MapData>, EbpfError> {
-        take_map(&mut self.bpf, "EVENTS")
     }
 
     /// Starts capture for a pod's network namespace and attaches its inbound door.
@@ -288,36 +351,6 @@ impl Kernel {
             })?;
         }
         Ok(())
-    }
-
-    /// Takes the original destination of a redirected connection, found by the pod's network
-    /// namespace and the client's local port.
-    pub fn take_original_dst(&mut self, netns_cookie: u64, port: u16) -> Option<(Ipv4Addr, u16)> {
-        let key = PodPortKey {
-            netns_cookie,
-            port,
-            _pad: [0; 6],
-        };
-        let dst = self.original_dst.get(&key, 0).ok()?;
-        let _ = self.original_dst.remove(&key);
-        Some((Ipv4Addr::from(u32::from_be(dst.ip4)), dst.port))
-    }
-
-    /// Current totals of the kernel counters.
-    pub fn counters(&self) -> KernelCounters {
-        let total = |index: u32| -> u64 {
-            self.counters
-                .get(&index, 0)
-                .map(|per_cpu| per_cpu.iter().sum())
-                .unwrap_or(0)
-        };
-        debug_assert_eq!(COUNTERS, 4);
-        KernelCounters {
-            redirected: total(interceptor_common::COUNTER_REDIRECTED),
-            strict_drops: total(interceptor_common::COUNTER_STRICT_DROPS),
-            events_lost: total(interceptor_common::COUNTER_EVENTS_LOST),
-            plaintext_accepted: total(interceptor_common::COUNTER_PLAINTEXT_ACCEPTED),
-        }
     }
 }
 

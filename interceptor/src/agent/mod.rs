@@ -19,7 +19,7 @@ use tracing::{info, warn};
 use crate::{
     admin::{self, protocol::Request},
     directory::MeshDirectory,
-    ebpf::Kernel,
+    ebpf::{CounterReader, Kernel, LoadedKernel},
     identity::Ca,
     limits::FdReserve,
     mesh::Mesh,
@@ -80,6 +80,9 @@ pub struct Agent {
     config: AgentConfig,
     ca: Ca,
     shared: Arc<ProxyShared>,
+    /// Enrolment and inbound modes in the kernel; never taken on the connection path.
+    kernel: Mutex<Kernel>,
+    counters: CounterReader,
     workloads: AsyncMutex<BTreeMap<WorkloadKey, RunningWorkload>>,
     policy: Mutex<policy_sync::PolicyState>,
 }
@@ -88,17 +91,21 @@ impl Agent {
     /// Loads the kernel programs, restores saved workloads and serves until the process ends.
     pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
         let ca = Ca::load(&config.ca_dir).context("loading the mesh CA (--ca-dir)")?;
-        let mut kernel = Kernel::load(&config.bpf_dir, &config.pods_cgroup).with_context(|| {
+        let LoadedKernel {
+            kernel,
+            original_dsts,
+            counters,
+            events,
+        } = Kernel::load(&config.bpf_dir, &config.pods_cgroup).with_context(|| {
             format!(
                 "attaching to the pods cgroup {}",
                 config.pods_cgroup.display()
             )
         })?;
-        let events = kernel.take_events()?;
         std::fs::create_dir_all(&config.state_dir)
             .with_context(|| format!("state directory {}", config.state_dir.display()))?;
         let shared = Arc::new(ProxyShared {
-            kernel: Arc::new(Mutex::new(kernel)),
+            original_dsts,
             mesh: Arc::new(Mesh::new(Arc::new(MeshDirectory::open(&config.mesh_dir)?))),
             records: Arc::new(RecordStore::new(config.record_capacity)),
             admission: Admission::new(config.tunnel_limits),
@@ -108,6 +115,8 @@ impl Agent {
         let agent = Arc::new(Agent {
             ca,
             shared,
+            kernel: Mutex::new(kernel),
+            counters,
             workloads: AsyncMutex::new(BTreeMap::new()),
             policy: Mutex::new(policy),
             config,
@@ -147,11 +156,7 @@ impl Agent {
 
     /// Kernel counters.
     pub fn kernel_counters(&self) -> crate::ebpf::KernelCounters {
-        self.shared
-            .kernel
-            .lock()
-            .map(|kernel| kernel.counters())
-            .unwrap_or_default()
+        self.counters.read()
     }
 
     /// Answers an admin request.

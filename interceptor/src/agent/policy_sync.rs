@@ -175,7 +175,7 @@ impl Agent {
     /// connections are untouched: the kernel only judges new SYNs.
     async fn sync_kernel(&self) {
         let workloads = self.workloads.lock().await;
-        let Ok(mut kernel) = self.shared.kernel.lock() else {
+        let Ok(mut kernel) = self.kernel.lock() else {
             return;
         };
         for running in workloads.values() {

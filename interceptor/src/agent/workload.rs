@@ -123,7 +123,7 @@ impl Agent {
         }
         let cookies: Vec<u64> = workloads.values().map(|w| w.netns.cookie()).collect();
         let ips: Vec<Ipv4Addr> = workloads.values().map(|w| w.ip).collect();
-        match self.shared.kernel.lock() {
+        match self.kernel.lock() {
             Ok(mut kernel) => {
                 if let Err(e) = kernel.retain_pods(&cookies, &ips) {
                     warn!("forgetting pods that were not restored: {e}");
@@ -222,11 +222,7 @@ impl Agent {
 
     fn program_kernel(&self, running: &RunningWorkload) -> Result<(), String> {
         let modes = self.kernel_modes(&running.spec);
-        let mut kernel = self
-            .shared
-            .kernel
-            .lock()
-            .map_err(|_| "kernel lock poisoned")?;
+        let mut kernel = self.kernel.lock().map_err(|_| "kernel lock poisoned")?;
         let result = kernel
             .enroll(running.netns.cookie(), running.netns.path())
             .and_then(|()| kernel.replace_inbound_modes(running.ip, &modes));
@@ -245,7 +241,7 @@ impl Agent {
         if let Err(e) = self.shared.mesh.withdraw(running.ip) {
             warn!("withdrawing {} from the mesh: {e}", running.ip);
         }
-        if let Ok(mut kernel) = self.shared.kernel.lock() {
+        if let Ok(mut kernel) = self.kernel.lock() {
             if let Err(e) = kernel.unenroll(running.netns.cookie()) {
                 warn!("unenrolling {}: {e}", running.spec.key());
             }

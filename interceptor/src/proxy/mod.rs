@@ -17,7 +17,7 @@ pub mod relay;
 
 use std::{
     net::{Ipv4Addr, SocketAddr, SocketAddrV4},
-    sync::{Arc, Mutex},
+    sync::Arc,
     time::{Duration, Instant},
 };
 
@@ -29,7 +29,7 @@ use tokio::{
 use tracing::warn;
 
 use crate::{
-    ebpf::Kernel,
+    ebpf::OriginalDsts,
     identity::Identity,
     limits::{self, FdReserve},
     mesh::{Membership, Mesh},
@@ -55,8 +55,8 @@ pub struct PodProxy {
 
 /// Agent-wide state the proxies use.
 pub struct ProxyShared {
-    /// The kernel maps (original destinations).
-    pub kernel: Arc<Mutex<Kernel>>,
+    /// Original destinations of redirected connects.
+    pub original_dsts: OriginalDsts,
     /// Which destinations are in the mesh.
     pub mesh: Arc<Mesh>,
     /// Where connections are recorded.
@@ -162,14 +162,10 @@ fn refused_for_lack_of_descriptors(
     let conn = match kind {
         Listener::Tunnel => inbound::tunnel_connection(peer, pod),
         Listener::Outbound => {
-            let original =
-                shared.kernel.lock().ok().and_then(|mut kernel| {
-                    kernel.take_original_dst(pod.netns.cookie(), peer.port())
-                });
-            let destination = original.map_or(
-                SocketAddrV4::new(Ipv4Addr::LOCALHOST, OUTBOUND_PORT),
-                |(ip, port)| SocketAddrV4::new(ip, port),
-            );
+            let destination = shared
+                .original_dsts
+                .take(pod.netns.cookie(), peer.port())
+                .unwrap_or(SocketAddrV4::new(Ipv4Addr::LOCALHOST, OUTBOUND_PORT));
             let meshed = !matches!(shared.mesh.cached(*destination.ip()), Membership::Outside);
             Connection {
                 direction: Direction::Outbound,

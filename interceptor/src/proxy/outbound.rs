@@ -32,18 +32,13 @@ pub(super) async fn handle(
     pod: Arc<PodProxy>,
     shared: Arc<ProxyShared>,
 ) {
-    let original = shared
-        .kernel
-        .lock()
-        .ok()
-        .and_then(|mut kernel| kernel.take_original_dst(pod.netns.cookie(), peer.port()));
-    let Some((ip, port)) = original else {
+    let Some(destination) = shared.original_dsts.take(pod.netns.cookie(), peer.port()) else {
         // Only connects the kernel redirected have an entry; anything else is not ours to carry.
         warn!(workload = %pod.workload, %peer, "no original destination for redirected connection");
         relay::reset(&client);
         return;
     };
-    let destination = SocketAddrV4::new(ip, port);
+    let ip = *destination.ip();
     let source = SocketAddr::V4(SocketAddrV4::new(pod.ip, peer.port()));
     match shared.mesh.resolve(ip).await {
         Membership::Meshed(peer) => {
