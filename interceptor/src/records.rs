@@ -14,7 +14,7 @@
 use std::{
     collections::{BTreeMap, HashMap, VecDeque},
     net::{IpAddr, SocketAddr},
-    sync::Mutex,
+    sync::{Arc, Mutex},
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
@@ -106,6 +106,41 @@ pub struct ConnectionRecord {
 
 fn one() -> u64 {
     1
+}
+
+/// The open record of a connection the agent carries; see [`RecordStore::open`].
+#[must_use = "dropping the guard closes the record as failed"]
+pub struct OpenRecord {
+    store: Arc<RecordStore>,
+    id: u64,
+    closed: bool,
+}
+
+impl OpenRecord {
+    /// The record's id.
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
+    /// Closes the record with the bytes moved and, if it failed, why.
+    pub fn close(mut self, bytes_sent: u64, bytes_received: u64, failure: Option<String>) {
+        self.closed = true;
+        self.store
+            .close(self.id, bytes_sent, bytes_received, failure);
+    }
+}
+
+impl Drop for OpenRecord {
+    fn drop(&mut self) {
+        if !self.closed {
+            self.store.close(
+                self.id,
+                0,
+                0,
+                Some("the agent stopped carrying it (its task ended: aborted or panicked)".into()),
+            );
+        }
+    }
 }
 
 /// Refusals before authentication from one source address and for one reason within this
@@ -244,13 +279,20 @@ impl RecordStore {
         }
     }
 
-    /// Records a connection that is now open; returns its id for [`RecordStore::close`].
-    pub fn open(&self, conn: Connection) -> u64 {
-        self.insert(conn, Verdict::Allowed, None, true, SystemTime::now())
+    /// Records a connection the agent now carries. The record closes when the returned guard
+    /// is closed, or, if the task carrying it ends first (aborted, panicked), when it drops.
+    pub fn open(self: &Arc<Self>, conn: Connection) -> OpenRecord {
+        let id = self.insert(conn, Verdict::Allowed, None, true, SystemTime::now());
+        OpenRecord {
+            store: Arc::clone(self),
+            id,
+            closed: false,
+        }
     }
 
-    /// Like [`RecordStore::open`], with the reason it was allowed (plaintext under a policy).
-    pub fn open_with_reason(&self, conn: Connection, reason: String) -> u64 {
+    /// Records a plaintext connection the kernel saw accepted (allowed by `reason`); a later
+    /// kernel event closes it by id with [`RecordStore::close`].
+    pub fn open_observed(&self, conn: Connection, reason: String) -> u64 {
         self.insert(
             conn,
             Verdict::Allowed,
@@ -620,10 +662,9 @@ mod tests {
 
     #[test]
     fn ring_is_bounded_and_totals_are_not() {
-        let store = RecordStore::new(2);
+        let store = Arc::new(RecordStore::new(2));
         for _ in 0..5 {
-            let id = store.open(conn());
-            store.close(id, 10, 20, None);
+            store.open(conn()).close(10, 20, None);
         }
         let recent = store.recent();
         assert_eq!(recent.iter().map(|r| r.id).collect::<Vec<_>>(), vec![4, 5]);
@@ -635,14 +676,48 @@ mod tests {
         );
     }
 
+    #[tokio::test]
+    async fn a_record_whose_task_is_aborted_or_panics_is_closed() {
+        let store = Arc::new(RecordStore::new(10));
+        let (opened, wait) = tokio::sync::oneshot::channel();
+        let carrier = {
+            let store = store.clone();
+            tokio::spawn(async move {
+                let _record = store.open(conn());
+                let _ = opened.send(());
+                std::future::pending::<()>().await;
+            })
+        };
+        wait.await.unwrap();
+        assert!(store.recent()[0].open);
+        carrier.abort();
+        let _ = carrier.await;
+        let panicking = {
+            let store = store.clone();
+            tokio::spawn(async move {
+                let _record = store.open(conn());
+                panic!("a bug while carrying the connection");
+            })
+        };
+        assert!(panicking.await.is_err());
+        let recent = store.recent();
+        assert_eq!(recent.len(), 2);
+        for record in recent {
+            assert!(!record.open, "{record:?}");
+            assert_eq!(record.verdict, Verdict::Failed);
+            assert!(record.reason.unwrap().contains("stopped carrying"));
+        }
+    }
+
     #[test]
     fn close_updates_record_and_failures_count() {
-        let store = RecordStore::new(10);
+        let store = Arc::new(RecordStore::new(10));
         let mut updates = store.subscribe();
-        let id = store.open(conn());
+        let record = store.open(conn());
+        let id = record.id();
         assert!(store.recent()[0].open);
         assert!(store.is_open(id));
-        store.close(id, 1, 2, Some("destination reset".into()));
+        record.close(1, 2, Some("destination reset".into()));
         assert!(!store.is_open(id));
         let record = &store.recent()[0];
         assert!(!record.open);
@@ -662,11 +737,12 @@ mod tests {
 
     #[test]
     fn a_flood_of_refusals_keeps_the_real_records_and_counts_every_one() {
-        let store = RecordStore::new(100);
+        let store = Arc::new(RecordStore::new(100));
         let real: Vec<u64> = (0..10)
             .map(|_| {
-                let id = store.open(conn());
-                store.close(id, 1, 1, None);
+                let record = store.open(conn());
+                let id = record.id();
+                record.close(1, 1, None);
                 id
             })
             .collect();

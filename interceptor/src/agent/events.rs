@@ -87,7 +87,7 @@ async fn record(agent: &Agent, event: &KernelEvent, open_plaintext: &mut HashMap
             records.refused_at(conn, Verdict::Dropped, reason, start);
         }
         EVENT_PLAINTEXT_OPEN => {
-            let id = records.open_with_reason(
+            let id = records.open_observed(
                 conn,
                 format!("plaintext allowed: {}", super::describe_decision(&decision)),
             );

@@ -166,17 +166,7 @@ async fn handle(
             .refused(conn, Verdict::Failed, format!("tunnel status: {e}"));
         return;
     }
-    let id = shared.records.open(conn);
-    match relay::relay(&mut tunnel, &mut app).await {
-        Ok(moved) => shared
-            .records
-            .close(id, moved.to_destination, moved.to_caller, None),
-        Err(e) => {
-            relay::reset(&app);
-            relay::reset(tunnel.get_ref().0.get_ref());
-            shared.records.close(id, 0, 0, Some(format!("relay: {e}")));
-        }
-    }
+    relay::carry(shared.records.open(conn), &mut tunnel, &mut app).await;
 }
 
 /// Clears the zero linger set at accept, so the connection ends with a FIN again.

@@ -17,7 +17,7 @@ use tracing::{debug, warn};
 use super::{
     PodProxy, ProxyShared,
     header::{self, TunnelStatus},
-    relay::{self, Moved},
+    relay,
 };
 use crate::{
     mesh::{Membership, MeshPeer},
@@ -87,15 +87,7 @@ async fn mutual_tls(
         }
     };
     let mut tunnel = tunnel;
-    let id = shared.records.open(conn);
-    let result = relay::relay(client, &mut tunnel).await;
-    finish(
-        shared,
-        id,
-        client,
-        Some(tunnel.get_ref().0.get_ref()),
-        result,
-    );
+    relay::carry(shared.records.open(conn), client, &mut tunnel).await;
 }
 
 /// Connects to the destination agent, verifies it is the destination workload, and asks it to
@@ -144,31 +136,7 @@ async fn plaintext(
             return;
         }
     };
-    let id = shared.records.open(conn);
-    let result = relay::relay(client, &mut upstream).await;
-    finish(shared, id, client, Some(&upstream), result);
-}
-
-/// Closes the record; after an error both sockets are reset so neither peer waits.
-fn finish(
-    shared: &ProxyShared,
-    id: u64,
-    client: &TcpStream,
-    upstream: Option<&TcpStream>,
-    result: std::io::Result<Moved>,
-) {
-    match result {
-        Ok(moved) => shared
-            .records
-            .close(id, moved.to_destination, moved.to_caller, None),
-        Err(e) => {
-            relay::reset(client);
-            if let Some(upstream) = upstream {
-                relay::reset(upstream);
-            }
-            shared.records.close(id, 0, 0, Some(format!("relay: {e}")));
-        }
-    }
+    relay::carry(shared.records.open(conn), client, &mut upstream).await;
 }
 
 fn new_connection(

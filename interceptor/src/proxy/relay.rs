@@ -19,6 +19,8 @@ use tokio::{
     net::TcpStream,
 };
 
+use crate::records::OpenRecord;
+
 /// Size of a relay buffer: large enough for bulk transfers to use few system calls.
 const BUFFER: usize = 256 * 1024;
 /// After a read of at least this much (a full TLS record, or a plaintext read that found a
@@ -320,6 +322,48 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for ReadAhead<S> {
 /// Closes a TCP connection with a reset instead of a FIN, so the peer sees the failure at once.
 pub fn reset(stream: &TcpStream) {
     let _ = stream.set_zero_linger();
+}
+
+/// A stream the proxies relay, with the TCP socket under it (to reset it on failure).
+pub trait OverTcp: AsyncRead + AsyncWrite + Unpin {
+    /// The TCP socket that carries the stream.
+    fn tcp(&self) -> &TcpStream;
+}
+
+impl OverTcp for TcpStream {
+    fn tcp(&self) -> &TcpStream {
+        self
+    }
+}
+
+impl OverTcp for tokio_rustls::client::TlsStream<ReadAhead<TcpStream>> {
+    fn tcp(&self) -> &TcpStream {
+        self.get_ref().0.get_ref()
+    }
+}
+
+impl OverTcp for tokio_rustls::server::TlsStream<ReadAhead<TcpStream>> {
+    fn tcp(&self) -> &TcpStream {
+        self.get_ref().0.get_ref()
+    }
+}
+
+/// Relays between the caller and the destination, then closes the connection's record; after
+/// an error both sockets are reset, so neither peer waits. The one place a carried
+/// connection's record is closed (a task that ends early closes it by dropping it).
+pub async fn carry<A: OverTcp, B: OverTcp>(
+    record: OpenRecord,
+    caller: &mut A,
+    destination: &mut B,
+) {
+    match relay(caller, destination).await {
+        Ok(moved) => record.close(moved.to_destination, moved.to_caller, None),
+        Err(e) => {
+            reset(caller.tcp());
+            reset(destination.tcp());
+            record.close(0, 0, Some(format!("relay: {e}")));
+        }
+    }
 }
 
 #[cfg(test)]
