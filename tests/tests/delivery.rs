@@ -218,15 +218,15 @@ fn strict_passes_the_mesh_but_refuses_outside_and_spoofed_plaintext() -> anyhow:
         "the door counted {drops} refusals of forged SYNs"
     );
 
-    // The app saw only the meshed caller's request.
+    // The app served only the meshed caller: its first request and this one.
     let served = curl(
-        lab.in_pod_netns(&server, "curl")?,
+        lab.in_pod(&client, "curl")?,
         &format!("http://{target}/requests"),
         &[],
     )?;
     ensure!(
         String::from_utf8_lossy(&served.stdout).trim() == "2",
-        "the app served {} requests, expected the meshed one and this one",
+        "the app served {} requests, expected the meshed caller's two",
         String::from_utf8_lossy(&served.stdout)
     );
     Ok(())
