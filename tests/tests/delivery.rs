@@ -231,3 +231,31 @@ fn strict_passes_the_mesh_but_refuses_outside_and_spoofed_plaintext() -> anyhow:
     );
     Ok(())
 }
+
+#[test]
+fn enrolling_sets_up_the_pod_routing_and_removing_restores_it() -> anyhow::Result<()> {
+    let (lab, _client, server) = two_pods()?;
+    let rules = || -> anyhow::Result<String> {
+        let out = std::process::Command::new("ip")
+            .args(["-n", &server.netns, "rule", "show"])
+            .output()?;
+        Ok(String::from_utf8(out.stdout)?)
+    };
+    let enrolled = rules()?;
+    ensure!(
+        enrolled.starts_with(
+            "1:\tfrom all fwmark 0x15080000 lookup 15008\n2:\tfrom all lookup local\n"
+        ),
+        "enrolled pod's rules:\n{enrolled}"
+    );
+    lab.cli_ok(
+        2,
+        &["workload", "remove", "--name", "server", "-n", "default"],
+    )?;
+    let removed = rules()?;
+    ensure!(
+        removed.starts_with("0:\tfrom all lookup local\n32766:"),
+        "removed pod's rules:\n{removed}"
+    );
+    Ok(())
+}
