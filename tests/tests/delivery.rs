@@ -142,6 +142,12 @@ fn an_app_bound_to_the_pod_ip_is_reached_over_mutual_tls_and_sees_the_caller() -
                 && r["source_identity"] == "spiffe://cluster.local/ns/default/sa/sleep"
         })?;
     }
+    // A pod calling its own address goes through the mesh too, and sees itself.
+    let own = peer_seen_by_app(&lab, &server, &format!("{}:8080", server.ip))?;
+    ensure!(
+        own.starts_with(&format!("{}:", server.ip)),
+        "a pod calling itself was seen as {own}"
+    );
     // The agent's own delivery to the pod's address is not mistaken for outside plaintext.
     std::thread::sleep(Duration::from_millis(300));
     let plaintext: Vec<Value> = records(&lab, 2)?
