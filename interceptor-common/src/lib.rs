@@ -8,6 +8,14 @@ pub const OUTBOUND_PORT: u16 = 15001;
 /// Port of the agent's mutual-TLS tunnel listener, bound on each enrolled pod's address.
 pub const TUNNEL_PORT: u16 = 15008;
 
+/// Socket mark (`SO_MARK`) of the agent's delivery connections inside a pod's network
+/// namespace. The pod's policy routing sends packets with this mark to the loopback, which
+/// is how the app's replies to a caller address it does not own come back to the agent; the
+/// pod accepts it on its connections (`tcp_fwmark_accept`), so sockops can tell a mesh
+/// delivery from plaintext. Packets from outside the namespace never carry it: a mark is
+/// cleared when a packet crosses into another network namespace.
+pub const DELIVERY_MARK: u32 = 0x1508_0000;
+
 /// Inbound mode value: plaintext accepted, nothing recorded by the mesh.
 pub const MODE_DISABLE: u32 = 1;
 /// Inbound mode value: plaintext accepted and recorded.

@@ -2,8 +2,15 @@
 //!
 //! Runs for every new inbound TCP connection before the listener is chosen. A SYN to a STRICT
 //! port is refused here (SK_DROP makes the kernel answer with a reset), so STRICT holds while
-//! the agent is down. The agent's deliveries arrive over the pod's loopback and its tunnel
-//! port is exempt, so mutual TLS from the mesh is never refused.
+//! the agent is down.
+//!
+//! The door judges where a SYN entered the namespace, not what its addresses say. The agent
+//! delivers mesh traffic to the app's own address (with the caller's address as source), and
+//! such a SYN is made inside the namespace, so it arrives on the loopback device: it passes.
+//! Everything that came in through the pod's network interface is outside traffic and is
+//! judged by the mode, whatever its source address claims; an outside host cannot make a
+//! packet arrive on the pod's loopback. The tunnel port is exempt, so mutual TLS from other
+//! agents is never refused.
 
 use aya_ebpf::{
     bindings::sk_action::{SK_DROP, SK_PASS},
@@ -19,6 +26,8 @@ use crate::maps::{INBOUND_MODE, count, emit, is_local_only};
 
 const AF_INET: u32 = 2;
 const IPPROTO_TCP: u32 = 6;
+/// The loopback device has this index in every network namespace.
+const LOOPBACK_IFINDEX: u32 = 1;
 
 /// Refuses plaintext SYNs to STRICT ports of enrolled pods and reports each refusal.
 #[sk_lookup]
@@ -26,6 +35,10 @@ pub fn pod_door(ctx: SkLookupContext) -> u32 {
     // SAFETY: the kernel passes a valid bpf_sk_lookup for the duration of the program.
     let lookup = unsafe { &*ctx.lookup };
     if lookup.family != AF_INET || lookup.protocol != IPPROTO_TCP {
+        return SK_PASS;
+    }
+    if lookup.ingress_ifindex == LOOPBACK_IFINDEX {
+        // Made inside the pod's namespace: the agent's delivery or the pod itself.
         return SK_PASS;
     }
     let local_ip4 = lookup.local_ip4;

@@ -1,5 +1,10 @@
 //! sockops on the pods' cgroup: re-key redirected connects by local port, and report plaintext
 //! connections that pods accept from outside the mesh.
+//!
+//! The agent delivers mesh traffic to the pod's own address, so an accepted connection on
+//! that address is not by itself plaintext: the agent's deliveries carry `DELIVERY_MARK`,
+//! which the pod's accepted socket inherits (`tcp_fwmark_accept`, set by the agent in the
+//! pod's namespace) and which no packet from outside the namespace can carry.
 
 use aya_ebpf::{
     EbpfContext,
@@ -7,18 +12,20 @@ use aya_ebpf::{
         BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG,
         BPF_SOCK_OPS_TCP_CONNECT_CB, BPF_TCP_CLOSE,
     },
-    helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_ktime_get_ns},
+    helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_getsockopt, bpf_ktime_get_ns},
     macros::sock_ops,
     programs::SockOpsContext,
 };
 use interceptor_common::{
-    COUNTER_PLAINTEXT_ACCEPTED, EVENT_PLAINTEXT_CLOSE, EVENT_PLAINTEXT_OPEN, InboundKey,
-    KernelEvent, PodPortKey,
+    COUNTER_PLAINTEXT_ACCEPTED, DELIVERY_MARK, EVENT_PLAINTEXT_CLOSE, EVENT_PLAINTEXT_OPEN,
+    InboundKey, KernelEvent, PodPortKey,
 };
 
 use crate::maps::{INBOUND_MODE, ORIG_BY_COOKIE, ORIG_BY_PORT, count, emit, is_local_only};
 
 const AF_INET: u32 = 2;
+const SOL_SOCKET: i32 = 1;
+const SO_MARK: i32 = 36;
 
 /// Dispatches on the sockops callback.
 #[sock_ops]
@@ -54,11 +61,11 @@ fn rekey_original_dst(ctx: &SockOpsContext) {
     let _ = ORIG_BY_COOKIE.remove(cookie);
 }
 
-/// A pod accepted a connection on its own address (not loopback, where the agent delivers):
-/// that is plaintext from outside the mesh, which the mode allowed.
+/// A pod accepted a connection on its own address that the agent did not deliver: that is
+/// plaintext from outside the mesh, which the mode allowed.
 fn report_plaintext_open(ctx: &SockOpsContext) {
     let local_ip4 = ctx.local_ip4();
-    if is_local_only(local_ip4) || !is_enrolled_address(local_ip4) {
+    if is_local_only(local_ip4) || !is_enrolled_address(local_ip4) || is_delivery(ctx) {
         return;
     }
     let _ = ctx.set_cb_flags(BPF_SOCK_OPS_STATE_CB_FLAG as i32);
@@ -74,6 +81,23 @@ fn report_plaintext_close(ctx: &SockOpsContext) {
         close.bytes_acked = (*ctx.ops).bytes_acked;
     }
     emit(close);
+}
+
+/// The accepted socket carries the mark of the agent's delivery connection that opened it.
+fn is_delivery(ctx: &SockOpsContext) -> bool {
+    let mut mark: u32 = 0;
+    // SAFETY: sockops may read SOL_SOCKET options of its full socket; `mark` is a valid
+    // 4-byte buffer for the duration of the call.
+    let read = unsafe {
+        bpf_getsockopt(
+            ctx.as_ptr(),
+            SOL_SOCKET,
+            SO_MARK,
+            (&mut mark as *mut u32).cast(),
+            core::mem::size_of::<u32>() as i32,
+        )
+    };
+    read == 0 && mark == DELIVERY_MARK
 }
 
 fn is_enrolled_address(ip4: u32) -> bool {

@@ -6,6 +6,7 @@ pub mod admin;
 pub mod agent;
 pub mod cgroup;
 pub mod cli;
+pub mod delivery;
 pub mod directory;
 pub mod ebpf;
 pub mod fsutil;

@@ -71,6 +71,13 @@ impl PodNetns {
     }
 
     fn socket(&self, socket_type: libc::c_int) -> io::Result<OwnedFd> {
+        self.run_inside(|| new_socket(socket_type))
+    }
+
+    /// Runs `f` on the calling thread while it is inside this namespace, then brings the
+    /// thread back. Sockets made and `/proc/sys/net` files opened by `f` belong to the pod's
+    /// namespace. `f` must be short and must not await: the thread is the caller's.
+    pub fn run_inside<T>(&self, f: impl FnOnce() -> io::Result<T>) -> io::Result<T> {
         HOME.with(|home| {
             let mut home = home.borrow_mut();
             if home.is_none() {
@@ -82,7 +89,7 @@ impl PodNetns {
                 .as_ref()
                 .ok_or_else(|| io::Error::other("no home netns"))?;
             setns(self.file.as_fd(), CloneFlags::CLONE_NEWNET).map_err(io::Error::from)?;
-            let socket = new_socket(socket_type);
+            let result = f();
             if let Err(e) = setns(home.as_fd(), CloneFlags::CLONE_NEWNET) {
                 // The thread would stay in the pod's namespace and later sockets would be made
                 // in the wrong place; that must never happen, so stop here.
@@ -92,7 +99,7 @@ impl PodNetns {
                 );
                 std::process::abort();
             }
-            socket
+            result
         })
     }
 

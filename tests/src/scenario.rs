@@ -13,9 +13,21 @@ use crate::lab::{Lab, LabOptions, Pod, fixture_bin};
 
 /// Starts `lab-fixture <kind> --port <port>` in a pod and waits until it listens.
 pub fn start_fixture(lab: &mut Lab, pod: &Pod, kind: &str, port: u16) -> anyhow::Result<()> {
+    start_fixture_with(lab, pod, kind, port, &[])
+}
+
+/// Like [`start_fixture`], with extra fixture arguments (for example `--bind 127.0.0.1`).
+pub fn start_fixture_with(
+    lab: &mut Lab,
+    pod: &Pod,
+    kind: &str,
+    port: u16,
+    extra: &[&str],
+) -> anyhow::Result<()> {
     let mut command = lab.in_pod(pod, fixture_bin()?)?;
     command
         .args([kind, "--port", &port.to_string()])
+        .args(extra)
         .stdout(Stdio::null());
     lab.spawn(command)?;
     wait_listening(lab, pod, port)

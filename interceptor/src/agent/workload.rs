@@ -12,6 +12,7 @@ use tracing::{info, warn};
 
 use super::Agent;
 use crate::{
+    delivery,
     identity::Identity,
     mesh::MeshPeer,
     netns::PodNetns,
@@ -152,6 +153,8 @@ impl Agent {
             .map_err(|e| format!("issuing a certificate for {identity}: {e}"))?;
         let pod_tls =
             Arc::new(tls::PodTls::new(self.ca.trust_bundle(), &cert).map_err(|e| e.to_string())?);
+        delivery::prepare(&netns)
+            .map_err(|e| format!("preparing {key}'s network namespace for deliveries: {e}"))?;
         let pod = Arc::new(PodProxy {
             workload: key.clone(),
             identity: identity.clone(),
@@ -238,6 +241,12 @@ impl Agent {
     }
 
     fn stop_workload(&self, running: &RunningWorkload) {
+        if let Err(e) = delivery::withdraw(&running.netns) {
+            warn!(
+                "undoing the delivery routing of {}: {e}",
+                running.spec.key()
+            );
+        }
         if let Err(e) = self.shared.mesh.withdraw(running.ip) {
             warn!("withdrawing {} from the mesh: {e}", running.ip);
         }

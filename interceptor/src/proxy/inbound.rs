@@ -1,10 +1,12 @@
-//! Inbound: mutual TLS from other agents on the pod's tunnel port, delivered to the app over
-//! the pod's loopback.
+//! Inbound: mutual TLS from other agents on the pod's tunnel port, delivered to the app at the
+//! pod's own address, from the caller's address.
 //!
 //! The server certificate is the pod's; the client must present a certificate of the mesh's
-//! trust domain, which [`crate::tls`] checks during the handshake. Delivery over loopback keeps
-//! mesh traffic apart from plaintext arriving at the pod's address, which the kernel's
-//! sk_lookup program judges.
+//! trust domain, which [`crate::tls`] checks during the handshake. The delivery
+//! ([`crate::delivery`]) reaches the app where an outside caller would, so a service bound
+//! only to the pod's loopback stays private. It is made inside the pod's namespace and so
+//! enters over the loopback device, which is how the kernel's door (sk_lookup) tells it from
+//! plaintext arriving at the pod's address.
 //!
 //! Until a caller has completed the handshake and sent its tunnel request it is
 //! unauthenticated: [`admit`] caps such connections per source and per agent, each stage has
@@ -27,6 +29,7 @@ use super::{
     relay,
 };
 use crate::{
+    delivery,
     records::{Connection, Direction, Security, Verdict},
     tls,
 };
@@ -140,11 +143,8 @@ async fn handle(
     drop(permit);
     graceful_close(tunnel.get_ref().0.get_ref());
     conn.destination = SocketAddr::V4(SocketAddrV4::new(pod.ip, port));
-    let mut app = match pod
-        .netns
-        .connect(SocketAddrV4::new(Ipv4Addr::LOCALHOST, port))
-        .await
-    {
+    let app_addr = SocketAddrV4::new(pod.ip, port);
+    let mut app = match delivery::connect(&pod.netns, ip_of(peer), app_addr).await {
         Ok(app) => app,
         Err(e) => {
             let status = if e.kind() == std::io::ErrorKind::ConnectionRefused {

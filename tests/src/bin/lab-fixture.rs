@@ -5,7 +5,7 @@
 
 use std::{
     io::{self, BufRead, BufReader, Read, Write},
-    net::{Shutdown, SocketAddr, TcpListener, TcpStream},
+    net::{Ipv4Addr, Shutdown, SocketAddr, SocketAddrV4, TcpListener, TcpStream},
     sync::atomic::{AtomicU64, Ordering},
     time::{Duration, Instant},
 };
@@ -23,11 +23,15 @@ struct Args {
 
 #[derive(Subcommand)]
 enum Fixture {
-    /// HTTP server: GET /vehicles/, GET /download/N, POST /upload, GET /requests.
+    /// HTTP server: GET /vehicles/, GET /download/N, POST /upload, GET /requests, and
+    /// GET /peer (the caller's address as the server sees it).
     Http {
-        /// Port to listen on (all addresses).
+        /// Port to listen on.
         #[arg(long)]
         port: u16,
+        /// Address to listen on: 0.0.0.0, 127.0.0.1 or the pod's own address.
+        #[arg(long, default_value = "0.0.0.0")]
+        bind: Ipv4Addr,
     },
     /// Reads each connection to EOF, then answers "<bytes> <sha256>\n" and closes.
     Sink {
@@ -68,6 +72,16 @@ enum Fixture {
         /// Destination.
         #[arg(long)]
         to: SocketAddr,
+    },
+    /// Sends a SYN with a forged source address (IP_TRANSPARENT), as an attacker on the path
+    /// would; prints the probe outcome (normally "timeout": answers go to the real owner).
+    Spoof {
+        /// The forged source address.
+        #[arg(long)]
+        from: Ipv4Addr,
+        /// Destination.
+        #[arg(long)]
+        to: SocketAddrV4,
     },
     /// Echo server for the benchmarks: sends back whatever it reads.
     Echo {
@@ -177,8 +191,8 @@ const IO_TIMEOUT: Duration = Duration::from_secs(60);
 
 fn main() -> anyhow::Result<()> {
     match Args::parse().command {
-        Fixture::Http { port } => serve(port, http),
-        Fixture::Sink { port } => serve(port, sink),
+        Fixture::Http { port, bind } => serve(bind, port, http),
+        Fixture::Sink { port } => serve(Ipv4Addr::UNSPECIFIED, port, sink),
         Fixture::Send {
             to,
             bytes,
@@ -200,6 +214,10 @@ fn main() -> anyhow::Result<()> {
             let started = Instant::now();
             let outcome = probe(to);
             println!("{outcome} {}", started.elapsed().as_millis());
+            Ok(())
+        }
+        Fixture::Spoof { from, to } => {
+            println!("{}", spoof(from, to)?);
             Ok(())
         }
         Fixture::Echo {
@@ -249,8 +267,12 @@ fn main() -> anyhow::Result<()> {
     }
 }
 
-fn serve(port: u16, handler: fn(TcpStream) -> io::Result<()>) -> anyhow::Result<()> {
-    let listener = TcpListener::bind(("0.0.0.0", port))?;
+fn serve(
+    bind: Ipv4Addr,
+    port: u16,
+    handler: fn(TcpStream) -> io::Result<()>,
+) -> anyhow::Result<()> {
+    let listener = TcpListener::bind((bind, port))?;
     println!("listening on {port}");
     io::stdout().flush()?;
     for stream in listener.incoming() {
@@ -288,6 +310,10 @@ fn http(stream: TcpStream) -> io::Result<()> {
     match (method, path) {
         ("GET", "/vehicles/") => respond(&mut out, "application/json", VEHICLES.as_bytes()),
         ("GET", "/requests") => respond(&mut out, "text/plain", served.to_string().as_bytes()),
+        ("GET", "/peer") => {
+            let peer = out.peer_addr()?.to_string();
+            respond(&mut out, "text/plain", peer.as_bytes())
+        }
         ("POST", "/upload") => {
             let mut hasher = Sha256::new();
             let mut buf = vec![0u8; 256 * 1024];
@@ -435,6 +461,22 @@ fn probe(to: SocketAddr) -> &'static str {
         Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => "refused",
         Err(_) => "timeout",
     }
+}
+
+fn spoof(from: Ipv4Addr, to: SocketAddrV4) -> anyhow::Result<&'static str> {
+    use socket2::{Domain, SockAddr, Socket, Type};
+    let socket = Socket::new(Domain::IPV4, Type::STREAM, None)?;
+    // Binding a foreign address needs IP_TRANSPARENT (root in this namespace).
+    socket.set_ip_transparent_v4(true)?;
+    socket.bind(&SockAddr::from(SocketAddrV4::new(from, 0)))?;
+    Ok(
+        match socket.connect_timeout(&SockAddr::from(to), Duration::from_secs(1)) {
+            Ok(()) => "connected",
+            Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => "refused",
+            Err(e) if e.kind() == io::ErrorKind::ConnectionReset => "reset",
+            Err(_) => "timeout",
+        },
+    )
 }
 
 fn echo_server(port: u16, workers: usize, once: Option<usize>) -> anyhow::Result<()> {
