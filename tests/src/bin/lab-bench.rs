@@ -1,8 +1,8 @@
 //! The benchmarks (`cargo xtask bench`): direct vs interceptor vs stunnel on the lab.
 //!
 //! Prints a table and writes `BENCHMARKS.md` (the generated section between its markers; the
-//! rest of the file is left as written) and `bench-results.json`, at the repository root
-//! unless `--out` says otherwise. See `interceptor_tests::bench` for what is measured and how.
+//! rest of the file is left as written) at the repository root and the raw data in
+//! `benchmarks/results.json` beside it, unless `--out` says otherwise. See `interceptor_tests::bench` for what is measured and how.
 
 use std::{
     path::{Path, PathBuf},
@@ -35,7 +35,7 @@ struct Args {
     /// Only these parts (comma separated).
     #[arg(long, value_enum, value_delimiter = ',')]
     only: Vec<Part>,
-    /// Directory for BENCHMARKS.md and bench-results.json [default: the repository root].
+    /// Directory for BENCHMARKS.md and benchmarks/results.json [default: the repository root].
     #[arg(long)]
     out: Option<PathBuf>,
     /// Instead of measuring, build the lab, print its processes and addresses, and keep it up
@@ -117,7 +117,8 @@ fn main() -> anyhow::Result<()> {
     results["machine"] = machine.clone();
     results["elapsed_seconds"] = json!(elapsed);
     results["quick"] = json!(args.quick);
-    let json_path = out_dir.join("bench-results.json");
+    let json_path = out_dir.join("benchmarks/results.json");
+    std::fs::create_dir_all(out_dir.join("benchmarks"))?;
     std::fs::write(&json_path, serde_json::to_string_pretty(&results)? + "\n")?;
     let md_path = out_dir.join("BENCHMARKS.md");
     let section = generated_section(
@@ -238,7 +239,7 @@ the bytes iperf3 sent (GB = 10^9 bytes).\n\n\
 cargo xtask bench --quick    # one short round, for development (writes target/bench-quick/)\n\
 cargo xtask bench --only latency,connections --rounds 3 --out /tmp/b\n```\n\n\
 Needs root (namespaces, cgroups, eBPF), iperf3 and stunnel4 (`cargo xtask setup` installs \
-them). The numbers, every run and each tool's output are in `bench-results.json`.\n\
+them). The numbers, every run and each tool's output are in `benchmarks/results.json`.\n\
 {END}\n",
         cpu = text("cpu"),
         cores = machine["cores"],
