@@ -21,22 +21,12 @@ use crate::{
     directory::MeshDirectory,
     ebpf::Kernel,
     identity::Ca,
-    policy::PolicySet,
     proxy::ProxyShared,
     records::RecordStore,
     workloads::{WorkloadKey, WorkloadSpec},
 };
 
-pub use policy_sync::PolicyReport;
 pub use workload::RunningWorkload;
-
-/// "STRICT by istio-system/default", or the built-in default when no policy decided.
-pub fn describe_decision(decision: &crate::policy::Decision) -> String {
-    match &decision.policy {
-        Some(policy) => format!("{} by {policy}", decision.mode),
-        None => format!("{} (mesh default, no policy)", decision.mode),
-    }
-}
 
 /// Everything `interceptor agent` is told on its command line.
 #[derive(Clone, Debug)]
@@ -73,7 +63,7 @@ pub struct Agent {
     ca: Ca,
     shared: Arc<ProxyShared>,
     workloads: AsyncMutex<BTreeMap<WorkloadKey, RunningWorkload>>,
-    policy: Mutex<policy_sync::PolicyState>,
+    policy: policy_sync::SharedPolicy,
 }
 
 impl Agent {
@@ -99,7 +89,7 @@ impl Agent {
             ca,
             shared,
             workloads: AsyncMutex::new(BTreeMap::new()),
-            policy: Mutex::new(policy),
+            policy,
             config,
         });
         let admin_listener = admin::server::bind(&agent.config.admin_socket)
@@ -172,13 +162,6 @@ impl Agent {
             .values()
             .find(|running| running.ip == ip)
             .map(|running| (running.spec.clone(), running.identity.to_string()))
-    }
-
-    fn policy_set(&self) -> PolicySet {
-        self.policy
-            .lock()
-            .map(|state| state.active().clone())
-            .unwrap_or_else(|p| p.into_inner().active().clone())
     }
 }
 

@@ -10,18 +10,22 @@
 //! reference at <https://istio.io/latest/docs/reference/config/security/peer_authentication/>;
 //! see [`PolicySet::effective`] for the rules.
 
+mod decisions;
 pub mod input;
 mod locate;
 pub mod parse;
 mod resolve;
+mod sources;
 
 use std::collections::BTreeMap;
 use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
+pub use decisions::DecisionBook;
 pub use parse::{load_paths, parse_str};
-pub use resolve::{Decision, EffectivePolicy, PolicySet, WorkloadRef};
+pub use resolve::{Decision, EffectivePolicy, PolicySet, WorkloadRef, validate};
+pub use sources::{PolicySources, SavedAge, SavedSources};
 
 /// Istio's default root namespace: selector-less policies there are mesh-wide.
 pub const DEFAULT_ROOT_NAMESPACE: &str = "istio-system";
@@ -118,6 +122,17 @@ pub struct PeerAuthentication {
     pub port_level: BTreeMap<u16, Mode>,
     /// Where the object was read from.
     pub origin: Origin,
+}
+
+/// `interceptor policy list`: the policies in force and what they mean for each workload.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct PolicyReport {
+    /// Istio's root namespace in force.
+    pub root_namespace: String,
+    /// Active policies, oldest first.
+    pub policies: Vec<PeerAuthentication>,
+    /// Effective mode per enrolled workload (`namespace/name`) and port.
+    pub workloads: BTreeMap<String, EffectivePolicy>,
 }
 
 /// Which scope a policy applies at, given the root namespace.

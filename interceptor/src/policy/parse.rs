@@ -447,7 +447,9 @@ fn yaml_options() -> serde_saphyr::Options {
 /// being read so that errors can name it.
 fn deserialize<T: for<'de> Deserialize<'de>>(
     document: &Document<'_>,
-) -> Result<T, (serde_saphyr::Error, Vec<String>)> {
+    pass: Pass,
+    file: &str,
+) -> Result<T, PolicyError> {
     let mut path = Vec::new();
     serde_saphyr::with_deserializer_from_str_with_options(document.text, yaml_options(), |de| {
         serde_path_to_error::deserialize(de).map_err(|error| {
@@ -455,7 +457,7 @@ fn deserialize<T: for<'de> Deserialize<'de>>(
             error.into_inner()
         })
     })
-    .map_err(|error| (error, path))
+    .map_err(|error| yaml_error(&error, &path, pass, document, file))
 }
 
 fn path_segments(path: &serde_path_to_error::Path) -> Vec<String> {
@@ -485,8 +487,7 @@ fn parse_document(
             ),
         ));
     }
-    let survey: Survey = deserialize(document)
-        .map_err(|(error, path)| yaml_error(&error, &path, Pass::Read, document, file))?;
+    let survey: Survey = deserialize(document, Pass::Read, file)?;
     let (api_version, kind) = match survey {
         Survey::Empty => return Ok(None),
         Survey::Other(found) => {
@@ -499,8 +500,7 @@ fn parse_document(
         Survey::Object { api_version, kind } => (api_version, kind),
     };
     check_type(api_version, kind, document, file)?;
-    let raw: RawObject = deserialize(document)
-        .map_err(|(error, path)| yaml_error(&error, &path, Pass::Schema, document, file))?;
+    let raw: RawObject = deserialize(document, Pass::Schema, file)?;
     build(raw, document, file).map(Some)
 }
 
