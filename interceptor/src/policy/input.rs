@@ -15,7 +15,7 @@ pub const MAX_FILE_BYTES: u64 = 1024 * 1024;
 pub const MAX_FILES: usize = 256;
 
 /// Most bytes one load may read over all its files.
-pub const MAX_TOTAL_BYTES: u64 = 4 * 1024 * 1024;
+pub const MAX_TOTAL_BYTES: u64 = 2 * 1024 * 1024;
 
 /// What one load is still allowed to read.
 pub(super) struct ReadBudget {

@@ -5,13 +5,14 @@
 //! input is refused in well under a second. The YAML parser is serde-saphyr, which
 //! enforces the depth and node budgets as it reads and refuses duplicate keys.
 //!
-//! Each document goes through three steps, so that each kind of error gets the most
-//! precise report: (1) read the whole document generically (syntax errors, limits and
-//! duplicate keys, with line and column) and look at `apiVersion` and `kind` (so that,
-//! say, a Deployment in the same file is reported as the wrong kind, not as a pile of
-//! unknown fields); (2) deserialize into a strict schema (unknown fields and wrong types,
-//! located by the parser, named by their dotted path); (3) check the values (located by
-//! [`Document::line_of`]). Messages quote at most [`MAX_QUOTED_CHARS`] of any value.
+//! Each document is deserialized into a strict schema (unknown fields and wrong types,
+//! located by the parser, named by their dotted path), then its values are checked
+//! (located by [`Document::line_of`]). When the strict reading fails, the document is read
+//! again generically, so that each kind of error gets the most precise report: a syntax
+//! error, limit or duplicate key anywhere comes first, then a wrong `apiVersion` or `kind`
+//! (so that, say, a Deployment in the same file is reported as the wrong kind, not as a
+//! pile of unknown fields), then the schema error. A valid document is thus parsed once.
+//! Messages quote at most [`MAX_QUOTED_CHARS`] of any value.
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
@@ -309,15 +310,15 @@ fn mode_problem(text: &str) -> String {
 
 // --- Schema -------------------------------------------------------------------------
 
-/// The top level. `apiVersion` and `kind` were checked already; `status` is what
+/// The top level. `apiVersion` and `kind` are checked after reading; `status` is what
 /// `kubectl get -o yaml` prints, and is ignored.
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 #[allow(dead_code)] // ignored fields exist only so that serde accepts them
 struct RawObject {
     #[serde(rename = "apiVersion")]
-    api_version: Option<IgnoredAny>,
-    kind: Option<IgnoredAny>,
+    api_version: Option<Scalar>,
+    kind: Option<Scalar>,
     metadata: Option<RawMetadata>,
     spec: Option<RawSpec>,
     status: Option<IgnoredAny>,
@@ -487,6 +488,16 @@ fn parse_document(
             ),
         ));
     }
+    // A well-formed policy is read once. Only when the strict reading fails is the
+    // document read generically, so that the most telling error is reported: a syntax
+    // error anywhere, an empty document, or the wrong kind rather than its unknown fields.
+    let schema_error = match deserialize::<RawObject>(document, Pass::Schema, file) {
+        Ok(raw) => {
+            check_type(raw.api_version.clone(), raw.kind.clone(), document, file)?;
+            return build(raw, document, file).map(Some);
+        }
+        Err(error) => error,
+    };
     let survey: Survey = deserialize(document, Pass::Read, file)?;
     let (api_version, kind) = match survey {
         Survey::Empty => return Ok(None),
@@ -500,8 +511,7 @@ fn parse_document(
         Survey::Object { api_version, kind } => (api_version, kind),
     };
     check_type(api_version, kind, document, file)?;
-    let raw: RawObject = deserialize(document, Pass::Schema, file)?;
-    build(raw, document, file).map(Some)
+    Err(schema_error)
 }
 
 /// Which reading of a document failed.
@@ -726,6 +736,7 @@ impl<'de> Visitor<'de> for SurveyVisitor {
 }
 
 /// A key or a type field's value: text, or a description of what else it is.
+#[derive(Clone)]
 enum Scalar {
     /// A string (or anything written as one).
     Text(String),

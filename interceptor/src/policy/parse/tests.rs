@@ -758,13 +758,18 @@ fn hostile_inputs() -> Vec<(&'static str, Vec<u8>)> {
         state ^= state << 5;
         pseudo_random.push(state as u8);
     }
-    let bad_documents: String = (0..MAX_DOCUMENTS)
+    // As many documents as allowed, each with an error: the report is cut short.
+    let bad_documents: String = (0..MAX_DOCUMENTS - 1)
         .map(|n| WALKTHROUGH.replace("STRICT", &format!("BAD{n}")) + "---\n")
         .collect();
     vec![
         (
             "nested flow sequences, 160 KB",
             text(format!("a: {}{}", "[".repeat(80_000), "]".repeat(80_000))),
+        ),
+        (
+            "nested flow sequences, 60 KB",
+            text(format!("a: {}{}", "[".repeat(30_000), "]".repeat(30_000))),
         ),
         (
             "nested flow mappings, 1 MB",
@@ -889,7 +894,7 @@ fn file_size_and_count_limits_are_checked_before_reading() {
     }
     let error = load_paths(std::slice::from_ref(&total.0)).unwrap_err();
     assert!(
-        error.to_string().contains("exceed 4194304 bytes together"),
+        error.to_string().contains("exceed 2097152 bytes together"),
         "{error}"
     );
 }
@@ -911,4 +916,48 @@ fn a_long_report_is_cut_with_a_count() {
             .to_string()
             .ends_with("... and 10 more errors; fix the ones above first")
     );
+}
+
+/// The slowest refusal: a load at its byte limit of dense, valid policies, with the one
+/// error in the last document, must be parsed whole. It still takes well under a second.
+#[test]
+fn a_full_load_with_an_error_at_the_end_is_refused_within_a_second() {
+    let dir = ScratchDir::new("dense");
+    let annotations: String = (0..40)
+        .map(|key| format!("    key-{key}: [{}]\n", vec!["v"; 20].join(",")))
+        .collect();
+    let files = 4;
+    let mut written = 0;
+    for file in 0..files {
+        let mut text = String::new();
+        for n in 0.. {
+            let document = format!(
+                "apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata:\n  \
+                 name: p{n}\n  namespace: ns{file}\n  annotations:\n{annotations}spec:\n  \
+                 mtls:\n    mode: STRICT\n---\n"
+            );
+            if text.len() + document.len() > input::MAX_TOTAL_BYTES as usize / files - 64 {
+                break;
+            }
+            text.push_str(&document);
+        }
+        if file == files - 1 {
+            text.push_str(&WALKTHROUGH.replace("STRICT", "BROKEN"));
+        }
+        written += text.len();
+        dir.write(&format!("{file}.yaml"), &text);
+    }
+    assert!(
+        written > input::MAX_TOTAL_BYTES as usize * 9 / 10,
+        "{written}"
+    );
+    let started = std::time::Instant::now();
+    let error = load_paths(std::slice::from_ref(&dir.0)).unwrap_err();
+    let elapsed = started.elapsed();
+    println!("{written} bytes of policies refused in {elapsed:?}");
+    assert!(
+        error.to_string().contains("invalid mode \"BROKEN\""),
+        "{error}"
+    );
+    assert!(elapsed.as_millis() < 1000, "refused after {elapsed:?}");
 }
