@@ -42,6 +42,8 @@ pub(super) type SharedPolicy = Arc<Mutex<PolicyState>>;
 pub(super) struct PolicyState {
     sources: PolicySources,
     book: DecisionBook,
+    /// How many of the book's numbers are saved: only those may reach the kernel.
+    book_saved: usize,
     state_dir: PathBuf,
     /// The policy directory as last read, to notice changes.
     dir_fingerprint: Fingerprint,
@@ -63,7 +65,7 @@ impl PolicyState {
                 ages: Vec::new(),
             },
         };
-        let book = read_json(&state_dir.join(DECISIONS_FILE))?.unwrap_or_default();
+        let book: DecisionBook = read_json(&state_dir.join(DECISIONS_FILE))?.unwrap_or_default();
         let (files, dir_fingerprint) = match &config.policy_dir {
             Some(dir) => {
                 let seen = fingerprint(dir);
@@ -74,6 +76,7 @@ impl PolicyState {
         let sources = PolicySources::restore(&config.root_namespace, saved, files)?;
         let state = PolicyState {
             sources,
+            book_saved: book.len(),
             book,
             state_dir,
             dir_fingerprint,
@@ -105,13 +108,15 @@ impl PolicyState {
     /// a new number is handed out for the kernel, so every number the kernel holds can be
     /// read back, also by a restarted agent.
     fn kernel_value(&mut self, decision: &Decision) -> u32 {
-        let known = self.book.len();
         let mut number = self.book.number(decision);
-        if self.book.len() != known
-            && let Err(e) = save_json(&self.state_dir.join(DECISIONS_FILE), &self.book)
-        {
-            warn!("{e}; kernel events of this decision will not name its policy");
-            number = 0;
+        if number as usize > self.book_saved {
+            match save_json(&self.state_dir.join(DECISIONS_FILE), &self.book) {
+                Ok(()) => self.book_saved = self.book.len(),
+                Err(e) => {
+                    warn!("{e}; kernel events of this decision will not name its policy");
+                    number = 0;
+                }
+            }
         }
         if number > MAX_DECISION {
             number = 0;
