@@ -22,9 +22,7 @@ fn main() -> Result<()> {
         return Ok(());
     }
     let manifest_dir = PathBuf::from(env::var("CARGO_MANIFEST_DIR")?);
-    let workspace = manifest_dir
-        .parent()
-        .context("interceptor is in a workspace")?;
+    let workspace = manifest_dir.parent().context("interceptor is in a workspace")?;
     let ebpf_dir = workspace.join(EBPF_PACKAGE);
     // The eBPF binary is not a dependency cargo tracks, so watch its sources and the shared types.
     println!("cargo:rerun-if-changed={}", ebpf_dir.display());
@@ -72,31 +70,22 @@ fn build(
     out_dir: &Path,
 ) -> Result<PathBuf> {
     let mut cmd = Command::new("rustup");
-    cmd.args([
-        "run",
-        toolchain,
-        "cargo",
-        "build",
-        "--package",
-        EBPF_PACKAGE,
-    ])
-    .args(["--bins", "--release", "--message-format=json"])
-    .args(["--target", target, "-Z", "build-std=core"])
-    .arg("--target-dir")
-    .arg(out_dir.join("ebpf-target"))
-    .current_dir(ebpf_dir)
-    // The outer cargo's compiler must not leak into the nested (nightly) build.
-    .env_remove("RUSTC")
-    .env_remove("RUSTC_WORKSPACE_WRAPPER")
-    .env(
-        "CARGO_ENCODED_RUSTFLAGS",
-        format!("--cfg=bpf_target_arch=\"{arch}\"\x1f-Cdebuginfo=2\x1f-Clink-arg=--btf"),
-    )
-    .stdin(Stdio::null());
-    let output = cmd.output().with_context(|| {
-        format!(
-            "cannot run rustup to build the eBPF programs with {toolchain}; run `cargo xtask setup`"
+    cmd.args(["run", toolchain, "cargo", "build", "--package", EBPF_PACKAGE])
+        .args(["--bins", "--release", "--message-format=json"])
+        .args(["--target", target, "-Z", "build-std=core"])
+        .arg("--target-dir")
+        .arg(out_dir.join("ebpf-target"))
+        .current_dir(ebpf_dir)
+        // The outer cargo's compiler must not leak into the nested (nightly) build.
+        .env_remove("RUSTC")
+        .env_remove("RUSTC_WORKSPACE_WRAPPER")
+        .env(
+            "CARGO_ENCODED_RUSTFLAGS",
+            format!("--cfg=bpf_target_arch=\"{arch}\"\x1f-Cdebuginfo=2\x1f-Clink-arg=--btf"),
         )
+        .stdin(Stdio::null());
+    let output = cmd.output().with_context(|| {
+        format!("cannot run rustup to build the eBPF programs with {toolchain}; run `cargo xtask setup`")
     })?;
     let mut object = None;
     let mut warnings = Vec::new();

@@ -127,7 +127,9 @@ fn resolve_shared_object(dir: &Path, candidate: &Path) -> Option<PathBuf> {
     }
     let target = linker_script_input(&String::from_utf8_lossy(&head))?;
     let target = dir.join(Path::new(&target).file_name()?);
-    read_head(&target)?.starts_with(ELF_MAGIC).then_some(target)
+    read_head(&target)?
+        .starts_with(ELF_MAGIC)
+        .then_some(target)
 }
 
 /// The first bytes of `path` (enough for the ELF magic or a one-line linker script).
@@ -263,14 +265,7 @@ pub fn install(nightly_sysroot: &Path, llvm_major: u32, plan: &InstallPlan) -> R
     );
     let mut command = Command::new("cargo");
     command
-        .args([
-            "install",
-            "bpf-linker",
-            "--locked",
-            "--force",
-            "--version",
-            VERSION,
-        ])
+        .args(["install", "bpf-linker", "--locked", "--force", "--version", VERSION])
         .args(["--no-default-features", "--features", &feature])
         .env("LLVM_PREFIX", &plan.llvm_prefix)
         .stdin(std::process::Stdio::null())
@@ -416,10 +411,7 @@ LLVM version: 22.1.4
         populate_prefix(&prefix, &lib).unwrap();
         for name in ["libLLVM.so", "libLLVM.so.22.1-rust-1.97.0-nightly"] {
             let head = fs::read(prefix.join("lib").join(name)).unwrap();
-            assert!(
-                head.starts_with(ELF_MAGIC),
-                "{name} must reach the ELF object"
-            );
+            assert!(head.starts_with(ELF_MAGIC), "{name} must reach the ELF object");
         }
         fs::remove_dir_all(&dir).unwrap();
     }

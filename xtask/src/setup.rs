@@ -135,10 +135,9 @@ fn ensure_nightly(channel: &str) -> Result<Nightly> {
                      rust-src --component clippy`, or pin a nightly rustup can install"
                 )
             })?;
-            let vv =
-                cmd::output(Command::new("rustc").args([&plus, "-vV"])).with_context(|| {
-                    format!("setup: eBPF toolchain: FAILED: installed but `rustc {plus} -vV` fails")
-                })?;
+            let vv = cmd::output(Command::new("rustc").args([&plus, "-vV"])).with_context(|| {
+                format!("setup: eBPF toolchain: FAILED: installed but `rustc {plus} -vV` fails")
+            })?;
             println!("setup: eBPF toolchain {channel}: installed");
             vv
         }
@@ -154,9 +153,7 @@ fn ensure_nightly(channel: &str) -> Result<Nightly> {
     })?;
     let sysroot = PathBuf::from(
         cmd::output(Command::new("rustc").args([&plus, "--print", "sysroot"]))
-            .with_context(|| {
-                format!("setup: eBPF toolchain: FAILED: `rustc {plus} --print sysroot`")
-            })?
+            .with_context(|| format!("setup: eBPF toolchain: FAILED: `rustc {plus} --print sysroot`"))?
             .trim(),
     );
 
@@ -479,8 +476,7 @@ bpf /tmp/my\\040bpf bpf rw,relatime 0 0
 
     #[test]
     fn reads_the_pinned_channel() {
-        let file =
-            "# why\n[toolchain]\nchannel = \"nightly-2026-05-20\"\ncomponents = [\"rust-src\"]\n";
+        let file = "# why\n[toolchain]\nchannel = \"nightly-2026-05-20\"\ncomponents = [\"rust-src\"]\n";
         assert_eq!(
             channel_from_toolchain_file(file).as_deref(),
             Some("nightly-2026-05-20")
