@@ -406,6 +406,19 @@ fn reapplying_or_reloading_a_policy_keeps_its_age() -> anyhow::Result<()> {
 #[test]
 fn a_refusal_names_the_policy_in_force_when_the_kernel_made_it() -> anyhow::Result<()> {
     let mut w = walkthrough()?;
+    // Plaintext the kernel let in is attributed the same way.
+    ensure!(
+        w.outside_gets_json(8080)?,
+        "PERMISSIVE should let plaintext in"
+    );
+    let status: Value = serde_json::from_str(
+        &w.lab
+            .cli_ok(2, &["status", "--output", "json", "--plaintext"])?,
+    )?;
+    ensure!(
+        status["records"][0]["reason"] == "plaintext allowed: PERMISSIVE (mesh default, no policy)",
+        "{status:#}"
+    );
     let dir = w.lab.node(2)?.policy_dir.clone();
     std::fs::write(dir.join("first.yaml"), vehicles_policy("first", "STRICT"))?;
     wait_until(Duration::from_secs(5), || {
