@@ -23,6 +23,28 @@ pub const MODE_PERMISSIVE: u32 = 2;
 /// Inbound mode value: plaintext refused with a reset and recorded.
 pub const MODE_STRICT: u32 = 3;
 
+/// Bits of an inbound mode map value that hold the mode (`MODE_*`); the bits above hold the
+/// number of the agent's decision behind the mode, which the kernel copies into its events
+/// so the agent can say which policy decided, even for events it reads much later.
+pub const INBOUND_MODE_BITS: u32 = 8;
+/// Largest decision number an inbound mode map value can carry; 0 means "not recorded".
+pub const MAX_DECISION: u32 = u32::MAX >> INBOUND_MODE_BITS;
+
+/// An inbound mode map value: `mode` (a `MODE_*`) and the decision number behind it.
+pub const fn inbound_value(mode: u32, decision: u32) -> u32 {
+    (decision << INBOUND_MODE_BITS) | (mode & ((1 << INBOUND_MODE_BITS) - 1))
+}
+
+/// The `MODE_*` of an inbound mode map value.
+pub const fn mode_of(value: u32) -> u32 {
+    value & ((1 << INBOUND_MODE_BITS) - 1)
+}
+
+/// The decision number of an inbound mode map value.
+pub const fn decision_of(value: u32) -> u32 {
+    value >> INBOUND_MODE_BITS
+}
+
 /// Key of the connection maps: the network namespace of a pod and a local TCP port (host order).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -88,6 +110,11 @@ pub struct KernelEvent {
     pub bytes_received: u64,
     /// Bytes sent by the pod and acknowledged (close events only).
     pub bytes_acked: u64,
+    /// Number of the agent's decision that the kernel applied (drop and open events), read
+    /// from the inbound mode map value at the time; 0 when not recorded.
+    pub decision: u32,
+    /// Explicit padding.
+    pub _pad: u32,
 }
 
 /// Index in the per-CPU counters array: connects redirected to the agent.

@@ -20,7 +20,8 @@ pub static ORIG_BY_COOKIE: LruHashMap<u64, OriginalDst> = LruHashMap::pinned(655
 #[map]
 pub static ORIG_BY_PORT: LruHashMap<PodPortKey, OriginalDst> = LruHashMap::pinned(65536, 0);
 
-/// Inbound mode (MODE_*) per pod address and port; port 0 is the workload default.
+/// Inbound mode per pod address and port, port 0 being the workload default: a value made by
+/// `inbound_value` (the MODE_* and the number of the agent's decision behind it).
 #[map]
 pub static INBOUND_MODE: HashMap<InboundKey, u32> = HashMap::pinned(16384, 0);
 
@@ -44,6 +45,19 @@ pub fn count(index: u32) {
 pub fn emit(event: KernelEvent) {
     if EVENTS.output::<KernelEvent>(&event, 0).is_err() {
         count(interceptor_common::COUNTER_EVENTS_LOST);
+    }
+}
+
+/// The inbound mode map value for a pod port: the port's own if it has one, else the
+/// workload default.
+pub fn inbound_mode_value(ip4: u32, port: u16) -> Option<u32> {
+    let key = |port| InboundKey { ip4, port, _pad: 0 };
+    // SAFETY: values are plain u32s copied out at once.
+    unsafe {
+        INBOUND_MODE
+            .get(key(port))
+            .or_else(|| INBOUND_MODE.get(key(0)))
+            .copied()
     }
 }
 

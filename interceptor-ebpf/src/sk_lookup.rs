@@ -19,10 +19,11 @@ use aya_ebpf::{
     programs::SkLookupContext,
 };
 use interceptor_common::{
-    COUNTER_STRICT_DROPS, EVENT_STRICT_DROP, InboundKey, KernelEvent, MODE_STRICT, TUNNEL_PORT,
+    COUNTER_STRICT_DROPS, EVENT_STRICT_DROP, KernelEvent, MODE_STRICT, TUNNEL_PORT, decision_of,
+    mode_of,
 };
 
-use crate::maps::{INBOUND_MODE, count, emit, is_local_only};
+use crate::maps::{count, emit, inbound_mode_value, is_local_only};
 
 const AF_INET: u32 = 2;
 const IPPROTO_TCP: u32 = 6;
@@ -46,7 +47,10 @@ pub fn pod_door(ctx: SkLookupContext) -> u32 {
     if is_local_only(local_ip4) || local_port == TUNNEL_PORT {
         return SK_PASS;
     }
-    if mode_for(local_ip4, local_port) != Some(MODE_STRICT) {
+    let Some(value) = inbound_mode_value(local_ip4, local_port) else {
+        return SK_PASS;
+    };
+    if mode_of(value) != MODE_STRICT {
         return SK_PASS;
     }
     count(COUNTER_STRICT_DROPS);
@@ -61,18 +65,9 @@ pub fn pod_door(ctx: SkLookupContext) -> u32 {
         monotonic_ns: unsafe { bpf_ktime_get_ns() },
         bytes_received: 0,
         bytes_acked: 0,
+        // The decision read together with the mode: the event names the policy in force now.
+        decision: decision_of(value),
+        _pad: 0,
     });
     SK_DROP
-}
-
-/// The port's own mode if it has one, else the workload default.
-fn mode_for(ip4: u32, port: u16) -> Option<u32> {
-    let key = |port| InboundKey { ip4, port, _pad: 0 };
-    // SAFETY: values are plain u32s copied out at once.
-    unsafe {
-        INBOUND_MODE
-            .get(key(port))
-            .or_else(|| INBOUND_MODE.get(key(0)))
-            .copied()
-    }
 }

@@ -18,10 +18,12 @@ use aya_ebpf::{
 };
 use interceptor_common::{
     COUNTER_PLAINTEXT_ACCEPTED, DELIVERY_MARK, EVENT_PLAINTEXT_CLOSE, EVENT_PLAINTEXT_OPEN,
-    InboundKey, KernelEvent, PodPortKey,
+    InboundKey, KernelEvent, PodPortKey, decision_of,
 };
 
-use crate::maps::{INBOUND_MODE, ORIG_BY_COOKIE, ORIG_BY_PORT, count, emit, is_local_only};
+use crate::maps::{
+    INBOUND_MODE, ORIG_BY_COOKIE, ORIG_BY_PORT, count, emit, inbound_mode_value, is_local_only,
+};
 
 const AF_INET: u32 = 2;
 const SOL_SOCKET: i32 = 1;
@@ -70,7 +72,9 @@ fn report_plaintext_open(ctx: &SockOpsContext) {
     }
     let _ = ctx.set_cb_flags(BPF_SOCK_OPS_STATE_CB_FLAG as i32);
     count(COUNTER_PLAINTEXT_ACCEPTED);
-    emit(event(ctx, EVENT_PLAINTEXT_OPEN));
+    let mut open = event(ctx, EVENT_PLAINTEXT_OPEN);
+    open.decision = inbound_mode_value(local_ip4, open.local_port).map_or(0, decision_of);
+    emit(open);
 }
 
 fn report_plaintext_close(ctx: &SockOpsContext) {
@@ -122,6 +126,8 @@ fn event(ctx: &SockOpsContext, kind: u32) -> KernelEvent {
         monotonic_ns: unsafe { bpf_ktime_get_ns() },
         bytes_received: 0,
         bytes_acked: 0,
+        decision: 0,
+        _pad: 0,
     }
 }
 

@@ -321,7 +321,8 @@ impl Kernel {
         Ok(())
     }
 
-    /// Makes the inbound modes of a pod address exactly `modes` (port 0 is the default).
+    /// Makes the inbound modes of a pod address exactly `modes` (port 0 is the default; each
+    /// value an `interceptor_common::inbound_value`: mode and decision number).
     /// New entries are written before stale ones are removed, so no SYN ever finds a pod
     /// without its mode.
     pub fn replace_inbound_modes(

@@ -4,15 +4,12 @@
 use std::process::Command;
 
 use anyhow::{Context, ensure};
-use serde::Deserialize;
-use serde_yaml::Value;
+use serde_json::Value;
 
 fn manifests() -> anyhow::Result<Vec<Value>> {
     let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/daemonset.yaml");
     let text = std::fs::read_to_string(path)?;
-    serde_yaml::Deserializer::from_str(&text)
-        .map(|doc| Value::deserialize(doc).context("deploy/daemonset.yaml"))
-        .collect()
+    serde_saphyr::from_multiple(&text).context("deploy/daemonset.yaml")
 }
 
 #[test]
@@ -38,7 +35,7 @@ fn daemonset_runs_the_agent_with_flags_it_accepts() -> anyhow::Result<()> {
         "eBPF and setns need privileges"
     );
     let args: Vec<&str> = container["args"]
-        .as_sequence()
+        .as_array()
         .context("args")?
         .iter()
         .filter_map(Value::as_str)
@@ -57,7 +54,7 @@ fn daemonset_runs_the_agent_with_flags_it_accepts() -> anyhow::Result<()> {
     }
     // Every path flag points into a mounted volume.
     let mounts: Vec<&str> = container["volumeMounts"]
-        .as_sequence()
+        .as_array()
         .context("volumeMounts")?
         .iter()
         .filter_map(|m| m["mountPath"].as_str())
@@ -95,8 +92,7 @@ fn the_policy_config_map_holds_valid_policies() -> anyhow::Result<()> {
         .iter()
         .find(|d| d["kind"] == "ConfigMap")
         .context("no ConfigMap")?;
-    for (file, text) in config_map["data"].as_mapping().context("data")? {
-        let file = file.as_str().context("key")?;
+    for (file, text) in config_map["data"].as_object().context("data")? {
         let objects = interceptor::policy::parse_str(text.as_str().context("value")?, file)?;
         ensure!(!objects.is_empty(), "{file} holds no policy");
     }

@@ -345,6 +345,167 @@ fn a_policy_change_keeps_established_mutual_tls_connections() -> anyhow::Result<
     Ok(())
 }
 
+/// A namespace-wide policy for the tracker's namespace.
+fn vehicles_policy(name: &str, mode: &str) -> String {
+    format!(
+        "apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata:\n  name: {name}\n  namespace: vehicles\nspec:\n  mtls:\n    mode: {mode}\n"
+    )
+}
+
+/// Issue 10, bug A: Istio keeps a policy's creationTimestamp when it is applied again, so
+/// among policies of one scope the oldest still wins. Re-applying (changed or not), a
+/// directory reload that brings in a file sorting first, and an agent restart must not make
+/// a policy younger.
+#[test]
+fn reapplying_or_reloading_a_policy_keeps_its_age() -> anyhow::Result<()> {
+    let mut w = walkthrough()?;
+    let first = w.write_policy("first.yaml", &vehicles_policy("first", "STRICT"))?;
+    let second = w.write_policy("second.yaml", &vehicles_policy("second", "DISABLE"))?;
+    w.apply_ok(&first)?;
+    w.apply_ok(&second)?;
+    w.outside_is_refused(8080)?;
+    // Applied again, unchanged: still the oldest.
+    w.apply_ok(&first)?;
+    w.outside_is_refused(8080)?;
+    ensure!(w.effective()?["default"]["policy"]["name"] == "first");
+    // Applied again, changed: still the oldest, now deciding PERMISSIVE.
+    w.apply_ok(&w.write_policy("first.yaml", &vehicles_policy("first", "PERMISSIVE"))?)?;
+    ensure!(w.outside_gets_json(8080)?, "first's new mode should decide");
+    w.apply_ok(&w.write_policy("first.yaml", &vehicles_policy("first", "STRICT"))?)?;
+    w.outside_is_refused(8080)?;
+    // Ages survive a restart.
+    w.lab.kill_agent(2)?;
+    w.lab.start_agent(2)?;
+    w.outside_is_refused(8080)?;
+    ensure!(w.effective()?["default"]["policy"]["name"] == "first");
+
+    // The policy directory: a file that sorts first but arrives later is younger.
+    w.lab
+        .cli_ok(2, &["policy", "delete", "first", "-n", "vehicles"])?;
+    w.lab
+        .cli_ok(2, &["policy", "delete", "second", "-n", "vehicles"])?;
+    let dir = w.lab.node(2)?.policy_dir.clone();
+    std::fs::write(dir.join("zz.yaml"), vehicles_policy("dir-old", "STRICT"))?;
+    wait_until(Duration::from_secs(5), || {
+        w.outside_is_refused(8080).is_ok()
+    })?;
+    std::fs::write(dir.join("aa.yaml"), vehicles_policy("dir-new", "DISABLE"))?;
+    wait_until(Duration::from_secs(5), || {
+        w.lab
+            .cli_ok(2, &["policy", "list", "--json"])
+            .is_ok_and(|list| list.contains("dir-new"))
+    })?;
+    w.outside_is_refused(8080)?;
+    ensure!(w.effective()?["default"]["policy"]["name"] == "dir-old");
+    Ok(())
+}
+
+/// Issue 10, bug B: a refusal is recorded with the policy that decided when the kernel
+/// refused, even when the agent reads the event later (it was down) and the policy has been
+/// replaced since.
+#[test]
+fn a_refusal_names_the_policy_in_force_when_the_kernel_made_it() -> anyhow::Result<()> {
+    let mut w = walkthrough()?;
+    // Plaintext the kernel let in is attributed the same way.
+    ensure!(
+        w.outside_gets_json(8080)?,
+        "PERMISSIVE should let plaintext in"
+    );
+    let status: Value = serde_json::from_str(
+        &w.lab
+            .cli_ok(2, &["status", "--output", "json", "--plaintext"])?,
+    )?;
+    ensure!(
+        status["records"][0]["reason"] == "plaintext allowed: PERMISSIVE (mesh default, no policy)",
+        "{status:#}"
+    );
+    let dir = w.lab.node(2)?.policy_dir.clone();
+    std::fs::write(dir.join("first.yaml"), vehicles_policy("first", "STRICT"))?;
+    wait_until(Duration::from_secs(5), || {
+        w.outside_is_refused(8080).is_ok()
+    })?;
+    w.lab.kill_agent(2)?;
+    // Refused by the kernel under `first`; the event waits in the pinned ring buffer.
+    w.outside_is_refused(8081)?;
+    std::fs::remove_file(dir.join("first.yaml"))?;
+    std::fs::write(dir.join("second.yaml"), vehicles_policy("second", "STRICT"))?;
+    w.lab.start_agent(2)?;
+    w.outside_is_refused(9000)?;
+    let reason_for = |port: u16| -> anyhow::Result<String> {
+        let status: Value = serde_json::from_str(
+            &w.lab
+                .cli_ok(2, &["status", "--output", "json", "--dropped"])?,
+        )?;
+        let destination = format!("{}:{port}", w.tracker.ip);
+        let records = status["records"].as_array().cloned().unwrap_or_default();
+        let record = records
+            .iter()
+            .find(|r| r["destination"] == destination.as_str())
+            .ok_or_else(|| anyhow::anyhow!("no refusal recorded on {port}: {status:#}"))?;
+        Ok(record["reason"].as_str().unwrap_or_default().to_owned())
+    };
+    let mut down = String::new();
+    wait_until(Duration::from_secs(5), || {
+        reason_for(8081).map(|reason| down = reason).is_ok()
+    })?;
+    ensure!(
+        down == "plaintext refused: STRICT by vehicles/first",
+        "the refusal made while the agent was down names {down:?}"
+    );
+    let after = reason_for(9000)?;
+    ensure!(
+        after == "plaintext refused: STRICT by vehicles/second",
+        "the refusal after the restart names {after:?}"
+    );
+    Ok(())
+}
+
+/// Issue 9: a hostile file dropped into the policy directory (deep nesting, tens of
+/// thousands of documents, 50 MB) is refused without stalling the agent: the admin socket
+/// answers and meshed calls keep working while the agent looks at it, and the previous
+/// policy stays.
+#[test]
+fn a_hostile_policy_file_stalls_neither_the_admin_socket_nor_the_mesh() -> anyhow::Result<()> {
+    let w = walkthrough()?;
+    let dir = w.lab.node(2)?.policy_dir.clone();
+    std::fs::copy(
+        policies_dir().join("mesh-strict.yaml"),
+        dir.join("mesh.yaml"),
+    )?;
+    wait_until(Duration::from_secs(5), || {
+        w.outside_is_refused(8080).is_ok()
+    })?;
+    let nested = format!("a: {}{}", "[".repeat(80_000), "]".repeat(80_000));
+    std::fs::write(dir.join("nested.yaml"), nested)?;
+    std::fs::write(dir.join("documents.yaml"), "a: 1\n---\n".repeat(40_000))?;
+    std::fs::File::create(dir.join("huge.yaml"))?.set_len(50 * 1024 * 1024)?;
+    // Several polls of the directory (every 500 ms) happen during this loop.
+    let until = Instant::now() + Duration::from_secs(3);
+    let mut slowest = Duration::ZERO;
+    let mut calls = 0;
+    while Instant::now() < until {
+        let started = Instant::now();
+        w.lab.cli_ok(2, &["workload", "list"])?;
+        slowest = slowest.max(started.elapsed());
+        ensure!(
+            w.meshed_gets_json()?,
+            "a meshed call failed after {calls} calls"
+        );
+        calls += 1;
+    }
+    ensure!(
+        slowest < Duration::from_millis(1000),
+        "`workload list` took {slowest:?} while the agent read the hostile files"
+    );
+    w.outside_is_refused(8080)?;
+    let log = w.lab.agent_log(2);
+    ensure!(
+        log.contains("policy directory change refused") && log.contains("huge.yaml"),
+        "the refusal is not logged:\n{log}"
+    );
+    Ok(())
+}
+
 fn wait_until(limit: Duration, mut condition: impl FnMut() -> bool) -> anyhow::Result<()> {
     let deadline = Instant::now() + limit;
     while Instant::now() < deadline {

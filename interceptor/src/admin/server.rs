@@ -63,7 +63,12 @@ async fn handle(stream: UnixStream, agent: Arc<Agent>) {
     if reader.read_line(&mut line).await.is_err() {
         return;
     }
-    let request: Request = match serde_json::from_str(&line) {
+    // A request may be a large policy batch: decode it off the runtime's workers.
+    let decoded = tokio::task::spawn_blocking(move || serde_json::from_str::<Request>(&line))
+        .await
+        .map_err(|e| e.to_string())
+        .and_then(|decoded| decoded.map_err(|e| e.to_string()));
+    let request = match decoded {
         Ok(request) => request,
         Err(e) => {
             let _ = send(

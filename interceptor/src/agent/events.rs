@@ -65,10 +65,9 @@ async fn record(agent: &Agent, event: &KernelEvent, open_plaintext: &mut HashMap
     let Some((spec, identity)) = agent.workload_at(local).await else {
         return;
     };
-    let decision = agent
-        .effective_policy(&spec)
-        .for_port(event.local_port)
-        .clone();
+    // The decision the kernel applied, by the number it read with the mode; not today's
+    // policy, which may have changed since (or while the agent was down).
+    let decided = agent.decision(event.decision);
     let conn = Connection {
         direction: Direction::Inbound,
         source: SocketAddr::V4(SocketAddrV4::new(remote, event.remote_port)),
@@ -83,14 +82,18 @@ async fn record(agent: &Agent, event: &KernelEvent, open_plaintext: &mut HashMap
     match event.kind {
         EVENT_STRICT_DROP => {
             let start = wall_time_of(event.monotonic_ns);
-            let reason = format!("plaintext refused: {}", super::describe_decision(&decision));
+            let reason = match decided {
+                Some(decision) => format!("plaintext refused: {decision}"),
+                None => unknown_decision("plaintext refused: STRICT", event.decision),
+            };
             records.refused_at(conn, Verdict::Dropped, reason, start);
         }
         EVENT_PLAINTEXT_OPEN => {
-            let id = records.open_observed(
-                conn,
-                format!("plaintext allowed: {}", super::describe_decision(&decision)),
-            );
+            let reason = match decided {
+                Some(decision) => format!("plaintext allowed: {decision}"),
+                None => unknown_decision("plaintext allowed", event.decision),
+            };
+            let id = records.open_observed(conn, reason);
             open_plaintext.insert(event.sock_cookie, id);
             if open_plaintext.len() > MAX_TRACKED_PLAINTEXT {
                 // Close events can be lost (full ring buffer); forget connections whose
@@ -105,6 +108,12 @@ async fn record(agent: &Agent, event: &KernelEvent, open_plaintext: &mut HashMap
         }
         other => warn!("unknown kernel event kind {other}"),
     }
+}
+
+/// A reason when the event's decision number is not in the book (written by an agent that
+/// did not number decisions, or whose state directory was lost).
+fn unknown_decision(what: &str, number: u32) -> String {
+    format!("{what} (deciding policy unknown: decision {number} is not recorded)")
 }
 
 /// Wall-clock time of a CLOCK_MONOTONIC timestamp from the kernel.

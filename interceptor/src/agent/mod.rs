@@ -23,22 +23,12 @@ use crate::{
     identity::Ca,
     limits::FdReserve,
     mesh::Mesh,
-    policy::PolicySet,
     proxy::{ProxyShared, admission::Admission},
     records::RecordStore,
     workloads::{WorkloadKey, WorkloadSpec},
 };
 
-pub use policy_sync::PolicyReport;
 pub use workload::RunningWorkload;
-
-/// "STRICT by istio-system/default", or the built-in default when no policy decided.
-pub fn describe_decision(decision: &crate::policy::Decision) -> String {
-    match &decision.policy {
-        Some(policy) => format!("{} by {policy}", decision.mode),
-        None => format!("{} (mesh default, no policy)", decision.mode),
-    }
-}
 
 /// How often the mesh view is re-read whole, to see other nodes' withdrawals and changes
 /// (additions are confirmed at first use).
@@ -84,7 +74,7 @@ pub struct Agent {
     kernel: Mutex<Kernel>,
     counters: CounterReader,
     workloads: AsyncMutex<BTreeMap<WorkloadKey, RunningWorkload>>,
-    policy: Mutex<policy_sync::PolicyState>,
+    policy: policy_sync::SharedPolicy,
 }
 
 impl Agent {
@@ -118,7 +108,7 @@ impl Agent {
             kernel: Mutex::new(kernel),
             counters,
             workloads: AsyncMutex::new(BTreeMap::new()),
-            policy: Mutex::new(policy),
+            policy,
             config,
         });
         let admin_listener = admin::server::bind(&agent.config.admin_socket)
@@ -193,13 +183,6 @@ impl Agent {
             .values()
             .find(|running| running.ip == ip)
             .map(|running| (running.spec.clone(), running.identity.to_string()))
-    }
-
-    fn policy_set(&self) -> PolicySet {
-        self.policy
-            .lock()
-            .map(|state| state.active().clone())
-            .unwrap_or_else(|p| p.into_inner().active().clone())
     }
 }
 

@@ -1,93 +1,146 @@
-//! The agent's policy: files from `--policy-dir` plus batches applied through the CLI, turned
-//! into per-pod, per-port modes in the kernel.
+//! The agent's side of policy: saving the sources across restarts, watching `--policy-dir`,
+//! and writing effective modes into the kernel, each with the number of the decision behind
+//! it (see [`DecisionBook`]). The sources and their merge are [`PolicySources`]'s.
+//!
+//! Parsing and saving never run on the async runtime's worker threads: the directory is read
+//! and parsed on the blocking pool, and changes are merged and saved there too, so a huge or
+//! hostile policy file cannot stall the data path or the admin socket.
 
 use std::{
-    collections::BTreeMap,
-    path::PathBuf,
-    sync::Arc,
+    path::{Path, PathBuf},
+    sync::{Arc, Mutex, MutexGuard, PoisonError},
     time::{Duration, SystemTime},
 };
 
-use serde::{Deserialize, Serialize};
+use interceptor_common::{MAX_DECISION, inbound_value};
+use serde::{Serialize, de::DeserializeOwned};
 use tracing::{info, warn};
 
 use super::{Agent, AgentConfig};
 use crate::{
-    policy::{self, Decision, EffectivePolicy, Mode, PeerAuthentication, PolicySet, WorkloadRef},
+    policy::{
+        self, Decision, DecisionBook, EffectivePolicy, Mode, PeerAuthentication, PolicyError,
+        PolicyReport, PolicySet, PolicySources, SavedSources, WorkloadRef,
+    },
     workloads::WorkloadSpec,
 };
 
 /// How often the policy directory is checked for changes.
 const POLL_INTERVAL: Duration = Duration::from_millis(500);
 
-/// Where the active policy came from.
+/// Applied policies and the age of every policy, in `--state-dir`.
+const SOURCES_FILE: &str = "policies.json";
+/// What earlier versions saved instead: the applied policies only.
+const OLD_APPLIED_FILE: &str = "applied-policies.json";
+/// The decision numbers written into the kernel, in `--state-dir`.
+const DECISIONS_FILE: &str = "decisions.json";
+
+/// The policy sources and the decision numbers, shared by the agent's tasks.
+pub(super) type SharedPolicy = Arc<Mutex<PolicyState>>;
+
+/// Where the active policy came from, and the numbers of the decisions in the kernel.
 pub(super) struct PolicyState {
-    from_dir: Vec<PeerAuthentication>,
-    applied: Vec<PeerAuthentication>,
-    active: PolicySet,
-    applied_file: PathBuf,
+    sources: PolicySources,
+    book: DecisionBook,
+    /// How many of the book's numbers are saved: only those may reach the kernel.
+    book_saved: usize,
+    state_dir: PathBuf,
+    /// The policy directory as last read, to notice changes.
+    dir_fingerprint: Fingerprint,
 }
 
-/// `interceptor policy list`: the policies and what they mean for each workload.
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct PolicyReport {
-    /// Istio's root namespace in force.
-    pub root_namespace: String,
-    /// Active policies in application order.
-    pub policies: Vec<PeerAuthentication>,
-    /// Effective mode per enrolled workload and port.
-    pub workloads: BTreeMap<String, EffectivePolicy>,
-}
+/// Names, sizes and modification times of a directory's entries.
+type Fingerprint = Vec<(PathBuf, u64, Option<SystemTime>)>;
 
 impl PolicyState {
-    /// Loads the applied batches saved by an earlier run and the policy directory. A broken
-    /// policy directory stops the agent at start, so it never runs with a policy nobody wrote.
-    pub(super) fn load(config: &AgentConfig) -> anyhow::Result<Self> {
-        let applied_file = config.state_dir.join("applied-policies.json");
-        let applied: Vec<PeerAuthentication> = match std::fs::read(&applied_file) {
-            Ok(bytes) => serde_json::from_slice(&bytes)?,
-            Err(_) => Vec::new(),
+    /// Loads what an earlier run saved and the policy directory. A broken policy directory
+    /// stops the agent at start, so it never runs with a policy nobody wrote. Runs before the
+    /// agent serves anything.
+    pub(super) fn load(config: &AgentConfig) -> anyhow::Result<SharedPolicy> {
+        let state_dir = config.state_dir.clone();
+        let saved: SavedSources = match read_json(&state_dir.join(SOURCES_FILE))? {
+            Some(saved) => saved,
+            None => SavedSources {
+                applied: read_json(&state_dir.join(OLD_APPLIED_FILE))?.unwrap_or_default(),
+                ages: Vec::new(),
+            },
         };
-        let from_dir = match &config.policy_dir {
-            Some(dir) => policy::load_paths(std::slice::from_ref(dir))?,
-            None => Vec::new(),
+        let book: DecisionBook = read_json(&state_dir.join(DECISIONS_FILE))?.unwrap_or_default();
+        let (files, dir_fingerprint) = match &config.policy_dir {
+            Some(dir) => {
+                let seen = fingerprint(dir);
+                (policy::load_paths(std::slice::from_ref(dir))?, seen)
+            }
+            None => (Vec::new(), Fingerprint::new()),
         };
-        let active = combine(&config.root_namespace, &from_dir, &applied)?;
-        Ok(Self {
-            from_dir,
-            applied,
-            active,
-            applied_file,
-        })
+        let sources = PolicySources::restore(&config.root_namespace, saved, files)?;
+        let state = PolicyState {
+            sources,
+            book_saved: book.len(),
+            book,
+            state_dir,
+            dir_fingerprint,
+        };
+        // The ages given to the directory's policies just now must outlive this run.
+        state
+            .save_sources(&state.sources)
+            .map_err(anyhow::Error::msg)?;
+        Ok(Arc::new(Mutex::new(state)))
     }
 
-    /// The policy in force.
-    pub(super) fn active(&self) -> &PolicySet {
-        &self.active
+    /// Makes a change to the sources and saves it; on any error nothing changes.
+    fn change(
+        &mut self,
+        edit: impl FnOnce(&mut PolicySources) -> Result<(), PolicyError>,
+    ) -> Result<(), String> {
+        let mut next = self.sources.clone();
+        edit(&mut next).map_err(|e| e.to_string())?;
+        self.save_sources(&next)?;
+        self.sources = next;
+        Ok(())
+    }
+
+    fn save_sources(&self, sources: &PolicySources) -> Result<(), String> {
+        save_json(&self.state_dir.join(SOURCES_FILE), &sources.saved())
+    }
+
+    /// The kernel's value for a decision: its mode and its number. The book is saved before
+    /// a new number is handed out for the kernel, so every number the kernel holds can be
+    /// read back, also by a restarted agent.
+    fn kernel_value(&mut self, decision: &Decision) -> u32 {
+        let mut number = self.book.number(decision);
+        if number as usize > self.book_saved {
+            match save_json(&self.state_dir.join(DECISIONS_FILE), &self.book) {
+                Ok(()) => self.book_saved = self.book.len(),
+                Err(e) => {
+                    warn!("{e}; kernel events of this decision will not name its policy");
+                    number = 0;
+                }
+            }
+        }
+        if number > MAX_DECISION {
+            number = 0;
+        }
+        let mode = match decision.mode {
+            Mode::Disable => interceptor_common::MODE_DISABLE,
+            Mode::Strict => interceptor_common::MODE_STRICT,
+            Mode::Permissive | Mode::Unset => interceptor_common::MODE_PERMISSIVE,
+        };
+        inbound_value(mode, number)
     }
 }
 
-/// Directory files first; CLI-applied objects replace directory objects of the same name.
-fn combine(
-    root_namespace: &str,
-    from_dir: &[PeerAuthentication],
-    applied: &[PeerAuthentication],
-) -> Result<PolicySet, policy::PolicyError> {
-    PolicySet::new(root_namespace)
-        .replaced(from_dir.to_vec())?
-        .with_applied(applied.to_vec())
-}
-
-/// The kernel's mode value for a resolved mode.
-fn kernel_mode(decision: &Decision) -> u32 {
-    match decision.mode {
-        Mode::Disable => interceptor_common::MODE_DISABLE,
-        Mode::Strict => interceptor_common::MODE_STRICT,
-        Mode::Permissive | Mode::Unset => interceptor_common::MODE_PERMISSIVE,
-    }
+/// The policy state, also after a panic elsewhere: every change to it is all-or-nothing.
+pub(super) fn lock(state: &SharedPolicy) -> MutexGuard<'_, PolicyState> {
+    state.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 impl Agent {
+    /// The active policy set (shared, not copied).
+    pub(super) fn policy_set(&self) -> Arc<PolicySet> {
+        lock(&self.policy).sources.active()
+    }
+
     /// Effective policy of a workload under the active policy.
     pub fn effective_policy(&self, spec: &WorkloadSpec) -> EffectivePolicy {
         self.policy_set().effective(&WorkloadRef {
@@ -96,17 +149,19 @@ impl Agent {
         })
     }
 
-    /// (port, kernel mode) entries for a workload; port 0 is its default.
+    /// (port, kernel value) entries for a workload; port 0 is its default.
     pub(super) fn kernel_modes(&self, spec: &WorkloadSpec) -> Vec<(u16, u32)> {
         let effective = self.effective_policy(spec);
-        std::iter::once((0, kernel_mode(&effective.default)))
-            .chain(
-                effective
-                    .ports
-                    .iter()
-                    .map(|(port, d)| (*port, kernel_mode(d))),
-            )
+        let mut state = lock(&self.policy);
+        std::iter::once((0, &effective.default))
+            .chain(effective.ports.iter().map(|(port, d)| (*port, d)))
+            .map(|(port, decision)| (port, state.kernel_value(decision)))
             .collect()
+    }
+
+    /// The decision the kernel applied, from the number in one of its events.
+    pub(super) fn decision(&self, number: u32) -> Option<Decision> {
+        lock(&self.policy).book.get(number).cloned()
     }
 
     /// Applies a batch, all or nothing.
@@ -114,45 +169,29 @@ impl Agent {
         &self,
         batch: Vec<PeerAuthentication>,
     ) -> Result<PolicyReport, String> {
-        {
-            let mut state = self.policy.lock().map_err(|_| "policy lock poisoned")?;
-            let mut applied = state.applied.clone();
-            for object in batch.iter() {
-                applied.retain(|p| (&p.namespace, &p.name) != (&object.namespace, &object.name));
-            }
-            // Duplicates inside the batch stay duplicates in `applied`, which `combine` refuses.
-            applied.extend(batch);
-            let active = combine(state.active.root_namespace(), &state.from_dir, &applied)
-                .map_err(|e| e.to_string())?;
-            save_applied(&state.applied_file, &applied)?;
-            state.applied = applied;
-            state.active = active;
-        }
-        self.sync_kernel().await;
+        self.change_policy(move |sources| sources.apply(batch))
+            .await?;
         Ok(self.policy_report().await)
     }
 
     /// Deletes a policy by namespace and name.
     pub async fn delete_policy(&self, namespace: &str, name: &str) -> Result<(), String> {
-        {
-            let mut state = self.policy.lock().map_err(|_| "policy lock poisoned")?;
-            let mut applied = state.applied.clone();
-            let mut from_dir = state.from_dir.clone();
-            let before = applied.len() + from_dir.len();
-            applied.retain(|p| (p.namespace.as_str(), p.name.as_str()) != (namespace, name));
-            from_dir.retain(|p| (p.namespace.as_str(), p.name.as_str()) != (namespace, name));
-            if applied.len() + from_dir.len() == before {
-                return Err(format!(
-                    "no policy {namespace}/{name}; `interceptor policy list` shows the active ones"
-                ));
-            }
-            let active = combine(state.active.root_namespace(), &from_dir, &applied)
-                .map_err(|e| e.to_string())?;
-            save_applied(&state.applied_file, &applied)?;
-            state.applied = applied;
-            state.from_dir = from_dir;
-            state.active = active;
-        }
+        let (namespace, name) = (namespace.to_owned(), name.to_owned());
+        self.change_policy(move |sources| sources.delete(&namespace, &name))
+            .await
+            .map_err(|e| format!("{e}; `interceptor policy list` shows the active ones"))
+    }
+
+    /// Runs a change on the blocking pool (checking a batch and saving are not for the
+    /// runtime's workers), then writes the new modes into the kernel.
+    async fn change_policy(
+        &self,
+        edit: impl FnOnce(&mut PolicySources) -> Result<(), PolicyError> + Send + 'static,
+    ) -> Result<(), String> {
+        let state = self.policy.clone();
+        tokio::task::spawn_blocking(move || lock(&state).change(edit))
+            .await
+            .map_err(|e| format!("policy change failed: {e}"))??;
         self.sync_kernel().await;
         Ok(())
     }
@@ -175,69 +214,80 @@ impl Agent {
     /// connections are untouched: the kernel only judges new SYNs.
     async fn sync_kernel(&self) {
         let workloads = self.workloads.lock().await;
-        let Ok(mut kernel) = self.kernel.lock() else {
-            return;
-        };
-        for running in workloads.values() {
-            if let Err(e) =
-                kernel.replace_inbound_modes(running.ip, &self.kernel_modes(&running.spec))
-            {
+        let modes: Vec<_> = workloads
+            .values()
+            .map(|running| (running, self.kernel_modes(&running.spec)))
+            .collect();
+        let mut kernel = self.kernel.lock().unwrap_or_else(PoisonError::into_inner);
+        for (running, modes) in modes {
+            if let Err(e) = kernel.replace_inbound_modes(running.ip, &modes) {
                 warn!(workload = %running.spec.key(), "updating kernel modes: {e}");
             }
         }
     }
 }
 
-fn save_applied(path: &std::path::Path, applied: &[PeerAuthentication]) -> Result<(), String> {
-    let tmp = path.with_extension("tmp");
-    serde_json::to_vec_pretty(applied)
-        .map_err(std::io::Error::other)
-        .and_then(|bytes| std::fs::write(&tmp, bytes))
-        .and_then(|()| std::fs::rename(&tmp, path))
-        .map_err(|e| format!("saving applied policies to {}: {e}", path.display()))
-}
-
 /// Reloads `--policy-dir` when a file in it changes; a broken change is refused whole and the
-/// previous policy stays.
+/// previous policy stays. Reading and parsing run on the blocking pool.
 pub(super) async fn watch_policy_dir(agent: Arc<Agent>) {
     let Some(dir) = agent.config.policy_dir.clone() else {
         return;
     };
-    let mut seen = fingerprint(&dir);
     loop {
         tokio::time::sleep(POLL_INTERVAL).await;
-        let now = fingerprint(&dir);
-        if now == seen {
-            continue;
-        }
-        seen = now;
-        let loaded = policy::load_paths(std::slice::from_ref(&dir));
-        let changed = loaded.map_err(|e| e.to_string()).and_then(|from_dir| {
-            let mut state = agent
-                .policy
-                .lock()
-                .map_err(|_| "policy lock poisoned".to_owned())?;
-            let active = combine(state.active.root_namespace(), &from_dir, &state.applied)
-                .map_err(|e| e.to_string())?;
-            state.from_dir = from_dir;
-            state.active = active;
-            Ok(())
-        });
-        match changed {
-            Ok(()) => {
-                info!(dir = %dir.display(), "policy directory reloaded");
+        let (state, dir) = (agent.policy.clone(), dir.clone());
+        match tokio::task::spawn_blocking(move || reload(&state, &dir)).await {
+            Ok(Reload::Unchanged) => {}
+            Ok(Reload::Done) => {
+                info!(dir = %agent_dir(&agent), "policy directory reloaded");
                 agent.sync_kernel().await;
             }
-            Err(e) => {
-                warn!(dir = %dir.display(), "policy directory change refused, previous policy kept: {e}")
-            }
+            Ok(Reload::Refused(e)) => warn!(
+                dir = %agent_dir(&agent),
+                "policy directory change refused, previous policy kept: {e}"
+            ),
+            Err(e) => warn!("policy directory reload failed: {e}"),
         }
     }
 }
 
-/// Names, sizes and modification times of the directory's files.
-fn fingerprint(dir: &std::path::Path) -> Vec<(PathBuf, u64, Option<SystemTime>)> {
-    let mut files: Vec<_> = std::fs::read_dir(dir)
+fn agent_dir(agent: &Agent) -> String {
+    agent
+        .config
+        .policy_dir
+        .as_deref()
+        .map(|dir| dir.display().to_string())
+        .unwrap_or_default()
+}
+
+/// What one look at the policy directory did.
+enum Reload {
+    Unchanged,
+    Done,
+    Refused(String),
+}
+
+/// Reads and applies the directory if it changed. Parsing happens without the policy lock.
+fn reload(state: &SharedPolicy, dir: &Path) -> Reload {
+    let now = fingerprint(dir);
+    if lock(state).dir_fingerprint == now {
+        return Reload::Unchanged;
+    }
+    let loaded = policy::load_paths(&[dir.to_path_buf()]);
+    let mut state = lock(state);
+    state.dir_fingerprint = now;
+    let changed = loaded
+        .map_err(|e| e.to_string())
+        .and_then(|files| state.change(|sources| sources.set_files(files)));
+    match changed {
+        Ok(()) => Reload::Done,
+        Err(e) => Reload::Refused(e),
+    }
+}
+
+/// Names, sizes and modification times of the directory's entries.
+fn fingerprint(dir: &Path) -> Fingerprint {
+    let mut files: Fingerprint = std::fs::read_dir(dir)
         .into_iter()
         .flatten()
         .filter_map(Result::ok)
@@ -248,4 +298,25 @@ fn fingerprint(dir: &std::path::Path) -> Vec<(PathBuf, u64, Option<SystemTime>)>
         .collect();
     files.sort();
     files
+}
+
+/// A JSON file of `--state-dir`; `None` if there is none yet.
+fn read_json<T: DeserializeOwned>(path: &Path) -> anyhow::Result<Option<T>> {
+    match std::fs::read(path) {
+        Ok(bytes) => Ok(Some(serde_json::from_slice(&bytes).map_err(|e| {
+            anyhow::anyhow!("{}: {e}; fix or remove the file", path.display())
+        })?)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(anyhow::anyhow!("{}: {e}", path.display())),
+    }
+}
+
+/// Writes a file of `--state-dir` whole or not at all (temporary file, then rename).
+fn save_json(path: &Path, value: &impl Serialize) -> Result<(), String> {
+    let tmp = path.with_extension("tmp");
+    serde_json::to_vec_pretty(value)
+        .map_err(std::io::Error::other)
+        .and_then(|bytes| std::fs::write(&tmp, bytes))
+        .and_then(|()| std::fs::rename(&tmp, path))
+        .map_err(|e| format!("saving {}: {e}", path.display()))
 }

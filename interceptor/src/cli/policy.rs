@@ -7,8 +7,7 @@ use clap::Subcommand;
 use super::AdminSocket;
 use crate::{
     admin::{client, protocol::Request},
-    agent::PolicyReport,
-    policy::{self, Scope},
+    policy::{self, PolicyReport, Scope},
 };
 
 /// Policy commands.
@@ -54,7 +53,7 @@ pub fn run(command: PolicyCommand) -> anyhow::Result<()> {
     match command {
         PolicyCommand::Validate { paths } => {
             let objects = policy::load_paths(&paths)?;
-            policy::PolicySet::new(policy::DEFAULT_ROOT_NAMESPACE).with_applied(objects.clone())?;
+            policy::validate(&objects)?;
             println!("valid: {} PeerAuthentication object(s)", objects.len());
         }
         PolicyCommand::Apply { paths, admin } => {
@@ -124,16 +123,9 @@ fn print_report(report: &PolicyReport) {
     }
     println!("\nEFFECTIVE MODES");
     for (workload, effective) in &report.workloads {
-        println!(
-            "  {workload:<40} default {}",
-            crate::agent::describe_decision(&effective.default)
-        );
+        println!("  {workload:<40} default {}", effective.default);
         for (port, decision) in &effective.ports {
-            println!(
-                "  {:<40} port {port:<5} {}",
-                "",
-                crate::agent::describe_decision(decision)
-            );
+            println!("  {:<40} port {port:<5} {decision}", "");
         }
     }
 }

@@ -1,11 +1,11 @@
 //! Text-level helpers for precise error lines: splitting a multi-document YAML file into
 //! its documents, and finding the line of a (block-style) key path inside a document.
 //!
-//! serde_yaml reports positions for syntax and schema errors but not for values that
-//! are only found wrong afterwards (a bad mode, a port out of range, a duplicate), so
-//! those are located by reading the text. Splitting is done here too, because
-//! serde_yaml's multi-document iterator neither exposes where documents start nor
-//! recovers from an error in one of them.
+//! The parser reports positions for syntax and schema errors but not for values that
+//! are only found wrong afterwards (a bad mode, a port out of range, a port given twice),
+//! so those are located by reading the text. Splitting is done here too, so that each
+//! document is parsed on its own: an error in one does not hide the errors of the others,
+//! and each document's size is checked before it is parsed.
 
 /// One YAML document of a file: a contiguous run of whole lines.
 #[derive(Debug)]
@@ -147,6 +147,50 @@ impl Document<'_> {
             Some(index) => self.file_line(index + 1),
             None => self.start_line(),
         }
+    }
+}
+
+impl Document<'_> {
+    /// 1-based file line of the `index`-th entry (0-based, in document order) of the
+    /// block mapping at `map_path`; the line of `map_path` itself when the mapping is
+    /// written in flow style or has fewer entries. Used for entries whose keys differ as
+    /// text but mean the same (`8080` and `"8080"`), which [`Document::line_of`] cannot
+    /// tell apart.
+    pub fn line_of_entry<S: AsRef<str>>(&self, map_path: &[S], index: usize) -> usize {
+        let lines: Vec<&str> = self.text.lines().collect();
+        let mut from = 0;
+        let mut parent_indent = None;
+        for key in map_path {
+            match find_key(&lines, from, parent_indent, key.as_ref()) {
+                Some((line, indent)) => {
+                    from = line + 1;
+                    parent_indent = Some(indent);
+                }
+                None => return self.line_of(map_path),
+            }
+        }
+        let mut entry_indent = None;
+        let mut seen = 0;
+        for (line, text) in lines.iter().enumerate().skip(from) {
+            if classify(text) != LineKind::Content {
+                continue;
+            }
+            let indent = text.len() - text.trim_start_matches(' ').len();
+            if parent_indent.is_some_and(|parent| indent <= parent) {
+                break;
+            }
+            let entry_indent = *entry_indent.get_or_insert(indent);
+            if indent < entry_indent {
+                break;
+            }
+            if indent == entry_indent {
+                if seen == index {
+                    return self.file_line(line + 1);
+                }
+                seen += 1;
+            }
+        }
+        self.line_of(map_path)
     }
 }
 
@@ -312,6 +356,16 @@ spec:
         );
         assert_eq!(document.line_of(&["spec", "nothing"]), 18);
         assert_eq!(document.line_of(&["nothing"]), 13);
+    }
+
+    #[test]
+    fn finds_the_nth_entry_of_a_block_mapping() {
+        let document = document();
+        assert_eq!(document.line_of_entry(&["spec", "portLevelMtls"], 0), 27);
+        assert_eq!(document.line_of_entry(&["spec", "portLevelMtls"], 1), 29);
+        // Past the end, or a path not found: the mapping's (or nearest key's) line.
+        assert_eq!(document.line_of_entry(&["spec", "portLevelMtls"], 2), 26);
+        assert_eq!(document.line_of_entry(&["spec", "nothing"], 0), 18);
     }
 
     #[test]

@@ -1,25 +1,31 @@
 //! PeerAuthentication policies.
 //!
 //! Istio `PeerAuthentication` objects (`security.istio.io/v1` and `v1beta1`) are read from
-//! YAML files exactly as Istio users write them ([`parse_str`], [`parse_file`],
-//! [`load_paths`]), collected into an immutable [`PolicySet`], and resolved into the
-//! inbound mTLS mode of a workload and each of its ports ([`PolicySet::effective`]).
+//! YAML files exactly as Istio users write them ([`parse_str`], [`load_paths`]), with every
+//! input bounded ([`input`], [`parse`] limits), collected into an immutable [`PolicySet`],
+//! and resolved into the inbound mTLS mode of a workload and each of its ports
+//! ([`PolicySet::effective`]).
 //!
 //! Resolution follows Istio's sidecar implementation (`ComposePeerAuthentication`) and the
 //! reference at <https://istio.io/latest/docs/reference/config/security/peer_authentication/>;
 //! see [`PolicySet::effective`] for the rules.
 
+mod decisions;
+pub mod input;
 mod locate;
-mod parse;
+pub mod parse;
 mod resolve;
+mod sources;
 
 use std::collections::BTreeMap;
 use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
-pub use parse::{load_paths, parse_file, parse_str};
-pub use resolve::{Decision, EffectivePolicy, PolicySet, WorkloadRef};
+pub use decisions::DecisionBook;
+pub use parse::{load_paths, parse_str};
+pub use resolve::{Decision, EffectivePolicy, PolicySet, WorkloadRef, validate};
+pub use sources::{PolicySources, SavedAge, SavedSources};
 
 /// Istio's default root namespace: selector-less policies there are mesh-wide.
 pub const DEFAULT_ROOT_NAMESPACE: &str = "istio-system";
@@ -118,6 +124,17 @@ pub struct PeerAuthentication {
     pub origin: Origin,
 }
 
+/// `interceptor policy list`: the policies in force and what they mean for each workload.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct PolicyReport {
+    /// Istio's root namespace in force.
+    pub root_namespace: String,
+    /// Active policies, oldest first.
+    pub policies: Vec<PeerAuthentication>,
+    /// Effective mode per enrolled workload (`namespace/name`) and port.
+    pub workloads: BTreeMap<String, EffectivePolicy>,
+}
+
 /// Which scope a policy applies at, given the root namespace.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -209,15 +226,37 @@ pub enum PolicyError {
         /// Where it was defined again.
         second: Origin,
     },
-    /// [`PolicySet::without`] was asked to remove a policy that is not there.
+    /// Input beyond a size, count or depth limit; refused before or while parsing.
+    #[error("{}: {message}", at(file, *line))]
+    Limit {
+        /// File name.
+        file: String,
+        /// 1-based line, when the limit was crossed at a known place.
+        line: Option<usize>,
+        /// Which limit, and what to do.
+        message: String,
+    },
+    /// A policy to delete is not there.
     #[error("PeerAuthentication {0} not found")]
     NotFound(PolicyRef),
+    /// Errors left out of a long report.
+    #[error("... and {0} more errors; fix the ones above first")]
+    More(usize),
     /// Several errors of one batch, in file order (never empty, never nested).
     #[error("{}", join_lines(.0))]
     Several(Vec<PolicyError>),
 }
 
 impl PolicyError {
+    /// A [`PolicyError::Limit`].
+    pub fn limit(file: String, line: Option<usize>, message: impl Into<String>) -> Self {
+        PolicyError::Limit {
+            file,
+            line,
+            message: message.into(),
+        }
+    }
+
     /// The individual errors: the list of [`PolicyError::Several`], or just `self`.
     pub fn errors(&self) -> &[PolicyError] {
         match self {
@@ -240,6 +279,13 @@ impl PolicyError {
             1 => Err(flat.remove(0)),
             _ => Err(PolicyError::Several(flat)),
         }
+    }
+}
+
+fn at(file: &str, line: Option<usize>) -> String {
+    match line {
+        Some(line) => format!("{file}:{line}"),
+        None => file.to_owned(),
     }
 }
 

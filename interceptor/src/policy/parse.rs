@@ -1,54 +1,91 @@
 //! YAML → validated [`PeerAuthentication`] objects, with file and line for every error.
 //!
-//! Each document goes through three steps, so that each kind of error gets the most
-//! precise report: (1) parse as generic YAML (syntax errors, with line and column);
-//! (2) check `apiVersion` and `kind` (so that, say, a Deployment in the same file is
-//! reported as the wrong kind, not as a pile of unknown fields); (3) deserialize into
-//! a strict schema (unknown fields, wrong types, located by serde_yaml) and check the
-//! values (located by [`Document::line_of`]).
+//! Input is bounded before and while it is parsed (see [`super::input`] for files, and
+//! [`MAX_DOCUMENTS`], [`MAX_DOCUMENT_BYTES`], [`MAX_DEPTH`], [`MAX_NODES`] here), so any
+//! input is refused in well under a second. The YAML parser is serde-saphyr, which
+//! enforces the depth and node budgets as it reads and refuses duplicate keys.
+//!
+//! Each document is deserialized into a strict schema (unknown fields and wrong types,
+//! located by the parser, named by their dotted path), then its values are checked
+//! (located by [`Document::line_of`]). When the strict reading fails, the document is read
+//! again generically, so that each kind of error gets the most precise report: a syntax
+//! error, limit or duplicate key anywhere comes first, then a wrong `apiVersion` or `kind`
+//! (so that, say, a Deployment in the same file is reported as the wrong kind, not as a
+//! pile of unknown fields), then the schema error. A valid document is thus parsed once.
+//! Messages quote at most [`MAX_QUOTED_CHARS`] of any value.
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
-use std::fs;
-use std::path::{Path, PathBuf};
+use std::marker::PhantomData;
+use std::path::PathBuf;
 
-use serde::de::{self, IgnoredAny, Visitor};
+use serde::de::{self, IgnoredAny, MapAccess, SeqAccess, Visitor};
 use serde::{Deserialize, Deserializer};
-use serde_yaml::Value;
+use serde_saphyr::budget::BudgetBreach;
 
+use super::input::{self, ReadBudget};
 use super::locate::{Document, split_documents};
 use super::{API_VERSIONS, KIND, Mode, Origin, PeerAuthentication, PolicyError, PolicyRef};
+
+/// Most documents (`---`-separated, empty ones included) in one file or text.
+pub const MAX_DOCUMENTS: usize = 256;
+
+/// Largest single document.
+pub const MAX_DOCUMENT_BYTES: usize = 64 * 1024;
+
+/// Deepest nesting of mappings and sequences in a document (a policy needs 4; the
+/// `managedFields` of `kubectl get -o yaml` output about 10).
+pub const MAX_DEPTH: usize = 32;
+
+/// Most YAML nodes (scalars, mappings, sequences) in one document.
+pub const MAX_NODES: usize = 8192;
+
+/// Longest piece of a value or key quoted in an error message; longer ones end in `…`.
+pub const MAX_QUOTED_CHARS: usize = 60;
+
+/// Most errors reported for one load; the rest are counted.
+const MAX_REPORTED_ERRORS: usize = 20;
 
 /// Parses every `PeerAuthentication` of a multi-document YAML text.
 ///
 /// Documents are separated by `---`; empty documents (nothing, comments only, `null`)
-/// are skipped. `file` is only used in [`Origin`]s and error messages. Two objects with
-/// the same namespace/name in `text` are an error. All errors of all documents are
-/// reported together.
+/// are skipped; a leading byte order mark is ignored. `file` is only used in [`Origin`]s
+/// and error messages. Two objects with the same namespace/name in `text` are an error.
+/// All errors of all documents are reported together.
 pub fn parse_str(text: &str, file: &str) -> Result<Vec<PeerAuthentication>, PolicyError> {
-    let (policies, mut errors) = parse_documents(text, file);
+    let mut errors = Vec::new();
+    let policies = if text.len() as u64 > input::MAX_FILE_BYTES {
+        errors.push(PolicyError::limit(
+            file.to_owned(),
+            None,
+            format!(
+                "{} bytes, more than the {} a policy file may have",
+                text.len(),
+                input::MAX_FILE_BYTES
+            ),
+        ));
+        Vec::new()
+    } else {
+        let (policies, text_errors) = parse_documents(text, file);
+        errors.extend(text_errors);
+        policies
+    };
     errors.extend(duplicate_errors(&policies));
-    PolicyError::check(errors)?;
-    Ok(policies)
-}
-
-/// Reads and parses one file; see [`parse_str`].
-pub fn parse_file(path: &Path) -> Result<Vec<PeerAuthentication>, PolicyError> {
-    let file = path.display().to_string();
-    let text = read_text(path)?;
-    parse_str(&text, &file)
+    finish(policies, errors)
 }
 
 /// Parses files and directories, in the order given. A directory contributes its
 /// `*.yaml` and `*.yml` files (symlinks followed, so Kubernetes ConfigMap mounts work),
 /// sorted by name, not recursing into subdirectories. The result is in application
 /// order: path order, then file order, then document order. Duplicates across all files
-/// are errors, and errors of all files are reported together.
+/// are errors, and errors of all files are reported together. Files are bounded in
+/// number and size before they are read (see [`super::input`]).
 pub fn load_paths(paths: &[PathBuf]) -> Result<Vec<PeerAuthentication>, PolicyError> {
     let mut policies = Vec::new();
     let mut errors = Vec::new();
+    let mut budget = ReadBudget::default();
     for path in paths {
-        let files = match yaml_files(path) {
+        let files = match input::yaml_files(path) {
             Ok(files) => files,
             Err(error) => {
                 errors.push(error);
@@ -56,7 +93,7 @@ pub fn load_paths(paths: &[PathBuf]) -> Result<Vec<PeerAuthentication>, PolicyEr
             }
         };
         for file in files {
-            match read_text(&file) {
+            match input::read_text(&file, &mut budget) {
                 Ok(text) => {
                     let (parsed, file_errors) = parse_documents(&text, &file.display().to_string());
                     policies.extend(parsed);
@@ -67,46 +104,49 @@ pub fn load_paths(paths: &[PathBuf]) -> Result<Vec<PeerAuthentication>, PolicyEr
         }
     }
     errors.extend(duplicate_errors(&policies));
-    PolicyError::check(errors)?;
-    Ok(policies)
+    finish(policies, errors)
 }
 
-/// `path` itself if it is not a directory, else its YAML files sorted by name.
-fn yaml_files(path: &Path) -> Result<Vec<PathBuf>, PolicyError> {
-    let io_error = |source| PolicyError::Io {
-        path: path.display().to_string(),
-        source,
-    };
-    if !fs::metadata(path).map_err(io_error)?.is_dir() {
-        return Ok(vec![path.to_path_buf()]);
-    }
-    let mut files = Vec::new();
-    for entry in fs::read_dir(path).map_err(io_error)? {
-        let file = entry.map_err(io_error)?.path();
-        let is_yaml = file
-            .extension()
-            .is_some_and(|extension| extension == "yaml" || extension == "yml");
-        // fs::metadata follows symlinks: ConfigMap files are symlinks into `..data/`.
-        if is_yaml && fs::metadata(&file).is_ok_and(|metadata| metadata.is_file()) {
-            files.push(file);
+/// The policies, or the errors (at most [`MAX_REPORTED_ERRORS`], then a count).
+fn finish(
+    policies: Vec<PeerAuthentication>,
+    mut errors: Vec<PolicyError>,
+) -> Result<Vec<PeerAuthentication>, PolicyError> {
+    let mut flat: Vec<PolicyError> = Vec::new();
+    for error in errors.drain(..) {
+        match error {
+            PolicyError::Several(inner) => flat.extend(inner),
+            single => flat.push(single),
         }
     }
-    files.sort();
-    Ok(files)
-}
-
-fn read_text(path: &Path) -> Result<String, PolicyError> {
-    fs::read_to_string(path).map_err(|source| PolicyError::Io {
-        path: path.display().to_string(),
-        source,
-    })
+    if flat.len() > MAX_REPORTED_ERRORS {
+        let more = flat.len() - MAX_REPORTED_ERRORS;
+        flat.truncate(MAX_REPORTED_ERRORS);
+        flat.push(PolicyError::More(more));
+    }
+    PolicyError::check(flat)?;
+    Ok(policies)
 }
 
 /// Parses all documents; returns the valid objects and the errors of the others.
 fn parse_documents(text: &str, file: &str) -> (Vec<PeerAuthentication>, Vec<PolicyError>) {
+    let text = text.strip_prefix('\u{FEFF}').unwrap_or(text);
+    let documents = split_documents(text);
+    if documents.len() > MAX_DOCUMENTS {
+        let error = PolicyError::limit(
+            file.to_owned(),
+            None,
+            format!(
+                "{} YAML documents, more than the {MAX_DOCUMENTS} a policy file may have; \
+                 split it into several files",
+                documents.len()
+            ),
+        );
+        return (Vec::new(), vec![error]);
+    }
     let mut policies = Vec::new();
     let mut errors = Vec::new();
-    for document in split_documents(text) {
+    for document in documents {
         match parse_document(&document, file) {
             Ok(Some(policy)) => policies.push(policy),
             Ok(None) => {}
@@ -136,6 +176,20 @@ pub(super) fn duplicate_errors(policies: &[PeerAuthentication]) -> Vec<PolicyErr
     errors
 }
 
+/// `text` in double quotes, cut to [`MAX_QUOTED_CHARS`] characters with `…` after a cut,
+/// control characters escaped.
+pub(super) fn quote(text: &str) -> String {
+    format!("{:?}", clip(text))
+}
+
+/// `text` cut to [`MAX_QUOTED_CHARS`] characters, `…` marking a cut.
+pub(super) fn clip(text: &str) -> String {
+    match text.char_indices().nth(MAX_QUOTED_CHARS) {
+        Some((end, _)) => format!("{}…", &text[..end]),
+        None => text.to_owned(),
+    }
+}
+
 /// A value problem of one object: the field's dotted path and what is wrong.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(super) struct Problem {
@@ -143,6 +197,9 @@ pub(super) struct Problem {
     pub path: Vec<String>,
     /// What is wrong and what is expected.
     pub message: String,
+    /// For an entry of a mapping: its position there, which locates it better than its
+    /// key (the last segment of `path`) when two keys mean the same.
+    pub entry: Option<usize>,
 }
 
 impl Problem {
@@ -153,6 +210,23 @@ impl Problem {
                 .map(|segment| segment.as_ref().to_owned())
                 .collect(),
             message: message.into(),
+            entry: None,
+        }
+    }
+
+    /// A problem with the `entry`-th entry of a mapping, whose key is `path`'s last segment.
+    fn at_entry<S: AsRef<str>>(path: &[S], entry: usize, message: impl Into<String>) -> Self {
+        Problem {
+            entry: Some(entry),
+            ..Problem::new(path, message)
+        }
+    }
+
+    /// 1-based file line of the problem in `document`.
+    fn line_in(&self, document: &Document<'_>) -> usize {
+        match (self.entry, self.path.split_last()) {
+            (Some(entry), Some((_, map_path))) => document.line_of_entry(map_path, entry),
+            _ => document.line_of(&self.path),
         }
     }
 
@@ -228,22 +302,23 @@ fn mode_problem(text: &str) -> String {
         ""
     };
     format!(
-        "invalid mode {text:?}; expected one of {}{hint}",
+        "invalid mode {}; expected one of {}{hint}",
+        quote(text),
         valid.join(", ")
     )
 }
 
 // --- Schema -------------------------------------------------------------------------
 
-/// The top level. `apiVersion` and `kind` were checked already; `status` is what
+/// The top level. `apiVersion` and `kind` are checked after reading; `status` is what
 /// `kubectl get -o yaml` prints, and is ignored.
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 #[allow(dead_code)] // ignored fields exist only so that serde accepts them
 struct RawObject {
     #[serde(rename = "apiVersion")]
-    api_version: Option<IgnoredAny>,
-    kind: Option<IgnoredAny>,
+    api_version: Option<Scalar>,
+    kind: Option<Scalar>,
     metadata: Option<RawMetadata>,
     spec: Option<RawSpec>,
     status: Option<IgnoredAny>,
@@ -276,13 +351,13 @@ struct RawMetadata {
 struct RawSpec {
     selector: Option<RawSelector>,
     mtls: Option<RawMtls>,
-    port_level_mtls: Option<BTreeMap<RawPort, RawMtls>>,
+    port_level_mtls: Option<Entries<RawPort, RawMtls>>,
 }
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 struct RawSelector {
-    match_labels: Option<BTreeMap<String, String>>,
+    match_labels: Option<Entries<String, String>>,
 }
 
 #[derive(Default, Deserialize)]
@@ -292,206 +367,565 @@ struct RawMtls {
     mode: Option<String>,
 }
 
-/// A `portLevelMtls` key: any integer (range-checked later, with a precise message),
-/// written plain (`8080:`) or quoted (`"8080":`, as in JSON).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
-struct RawPort(i64);
+/// A mapping's entries in document order, so that keys which differ as YAML but mean
+/// the same (`8080` and `"8080"`, `1` and `"1"`) are seen and refused rather than
+/// silently collapsed by a map.
+struct Entries<K, V>(Vec<(K, V)>);
 
-impl<'de> Deserialize<'de> for RawPort {
+impl<'de, K: Deserialize<'de>, V: Deserialize<'de>> Deserialize<'de> for Entries<K, V> {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        deserializer.deserialize_any(RawPortVisitor)
+        deserializer.deserialize_map(EntriesVisitor(PhantomData))
     }
 }
 
-struct RawPortVisitor;
+struct EntriesVisitor<K, V>(PhantomData<(K, V)>);
 
-impl Visitor<'_> for RawPortVisitor {
-    type Value = RawPort;
+impl<'de, K: Deserialize<'de>, V: Deserialize<'de>> Visitor<'de> for EntriesVisitor<K, V> {
+    type Value = Entries<K, V>;
 
     fn expecting(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
-        formatter.write_str("a port number")
+        formatter.write_str("a mapping")
     }
 
-    fn visit_i64<E: de::Error>(self, value: i64) -> Result<RawPort, E> {
-        Ok(RawPort(value))
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+        let mut entries = Vec::new();
+        while let Some(entry) = map.next_entry()? {
+            entries.push(entry);
+        }
+        Ok(Entries(entries))
     }
+}
 
-    fn visit_u64<E: de::Error>(self, value: u64) -> Result<RawPort, E> {
-        Ok(RawPort(i64::try_from(value).unwrap_or(i64::MAX)))
+/// A `portLevelMtls` key as written (`8080`, `"8080"`, `08080`); its number is read
+/// and range-checked later, with a precise message.
+struct RawPort(String);
+
+impl<'de> Deserialize<'de> for RawPort {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        // serde-saphyr hands a plain scalar to a string target with its spelling kept.
+        String::deserialize(deserializer).map(RawPort)
     }
+}
 
-    fn visit_str<E: de::Error>(self, value: &str) -> Result<RawPort, E> {
-        value
-            .trim()
-            .parse()
-            .map(RawPort)
-            .map_err(|_| E::invalid_value(de::Unexpected::Str(value), &self))
+impl RawPort {
+    /// The decimal number written, if it is one (leading zeros and `+` allowed).
+    fn number(&self) -> Option<i64> {
+        let digits = self.0.trim();
+        let digits = digits.strip_prefix('+').unwrap_or(digits);
+        let unsigned = digits.strip_prefix('-').unwrap_or(digits);
+        if unsigned.is_empty() || !unsigned.bytes().all(|b| b.is_ascii_digit()) {
+            return None;
+        }
+        // Too many digits for an i64 is still a number, and out of range.
+        Some(digits.parse().unwrap_or(i64::MAX))
     }
 }
 
 // --- One document -------------------------------------------------------------------
+
+/// The parser's settings: every budget tight enough for policies, duplicate keys refused.
+fn yaml_options() -> serde_saphyr::Options {
+    let mut alias_limits = serde_saphyr::options::AliasLimits::default();
+    alias_limits.max_total_replayed_events = MAX_NODES;
+    serde_saphyr::options! {
+        budget: serde_saphyr::budget! {
+            max_depth: MAX_DEPTH,
+            flow_nesting_limit: MAX_DEPTH,
+            max_documents: 1,
+            max_nodes: MAX_NODES,
+            max_events: 4 * MAX_NODES,
+            max_aliases: 64,
+            max_anchors: 64,
+            max_total_scalar_bytes: MAX_DOCUMENT_BYTES,
+        },
+        alias_limits: alias_limits,
+        duplicate_keys: serde_saphyr::DuplicateKeyPolicy::Error,
+        with_snippet: false,
+    }
+}
+
+/// Runs a serde deserialization of one document, tracking the dotted path of the field
+/// being read so that errors can name it.
+fn deserialize<T: for<'de> Deserialize<'de>>(
+    document: &Document<'_>,
+    pass: Pass,
+    file: &str,
+) -> Result<T, PolicyError> {
+    let mut path = Vec::new();
+    serde_saphyr::with_deserializer_from_str_with_options(document.text, yaml_options(), |de| {
+        serde_path_to_error::deserialize(de).map_err(|error| {
+            path = path_segments(error.path());
+            error.into_inner()
+        })
+    })
+    .map_err(|error| yaml_error(&error, &path, pass, document, file))
+}
+
+fn path_segments(path: &serde_path_to_error::Path) -> Vec<String> {
+    use serde_path_to_error::Segment;
+    path.iter()
+        .map(|segment| match segment {
+            Segment::Map { key } => clip(key),
+            Segment::Seq { index } => index.to_string(),
+            Segment::Enum { variant } => clip(variant),
+            Segment::Unknown => "?".to_owned(),
+        })
+        .collect()
+}
 
 /// `Ok(None)` for an empty document.
 fn parse_document(
     document: &Document<'_>,
     file: &str,
 ) -> Result<Option<PeerAuthentication>, PolicyError> {
-    let value: Value = serde_yaml::from_str(document.text)
-        .map_err(|error| syntax_error(&error, document, file))?;
-    if value.is_null() {
-        return Ok(None);
-    }
-    check_type(&value, document, file)?;
-    let raw: RawObject = serde_yaml::from_str(document.text)
-        .map_err(|error| schema_error(&error, document, file))?;
-    build(raw, document, file).map(Some)
-}
-
-fn syntax_error(error: &serde_yaml::Error, document: &Document<'_>, file: &str) -> PolicyError {
-    let (line, column) = match error.location() {
-        Some(location) => (document.file_line(location.line()), location.column()),
-        None => (document.start_line(), 1),
-    };
-    PolicyError::Syntax {
-        file: file.to_owned(),
-        line,
-        column,
-        message: strip_position(&error.to_string(), document.first_line),
-    }
-}
-
-/// Checks that the document is a mapping with a known `apiVersion` and `kind`.
-fn check_type(value: &Value, document: &Document<'_>, file: &str) -> Result<(), PolicyError> {
-    let Value::Mapping(object) = value else {
-        let problem =
-            Problem::new::<&str>(&[], "expected a PeerAuthentication object (a YAML mapping)");
-        return Err(located(&problem, document, file));
-    };
-    let text_of = |key: &str| object.get(key).map(|value| value.as_str().ok_or(value));
-    let mut problems = Vec::new();
-    let versions = API_VERSIONS.join(" or ");
-    match text_of("apiVersion") {
-        None => problems.push(Problem::new(
-            &["apiVersion"],
-            format!("is required; expected {versions}"),
-        )),
-        Some(Ok(version)) if API_VERSIONS.contains(&version) => {}
-        Some(found) => problems.push(Problem::new(
-            &["apiVersion"],
+    if document.text.len() > MAX_DOCUMENT_BYTES {
+        return Err(PolicyError::limit(
+            file.to_owned(),
+            Some(document.start_line()),
             format!(
-                "unknown apiVersion {}; expected {versions}",
-                describe(found)
+                "a YAML document of {} bytes, more than the {MAX_DOCUMENT_BYTES} a policy may have",
+                document.text.len()
             ),
-        )),
+        ));
     }
-    match text_of("kind") {
-        None => problems.push(Problem::new(
-            &["kind"],
-            format!("is required; expected {KIND}"),
-        )),
-        Some(Ok(KIND)) => {}
-        Some(found) => problems.push(Problem::new(
-            &["kind"],
-            format!("unknown kind {}; expected {KIND}", describe(found)),
-        )),
-    }
-    located_all(&problems, document, file)
-}
-
-fn describe(found: Result<&str, &Value>) -> String {
-    match found {
-        Ok(text) => format!("{text:?}"),
-        Err(value) => serde_yaml::to_string(value)
-            .map(|text| text.trim_end().to_owned())
-            .unwrap_or_else(|_| "(not a string)".to_owned()),
-    }
-}
-
-/// Turns a serde_yaml schema error ("spec.mtls: unknown field `x`, expected `mode` at
-/// line 7 column 5") into an error naming the field.
-fn schema_error(error: &serde_yaml::Error, document: &Document<'_>, file: &str) -> PolicyError {
-    let full = error.to_string();
-    let message = strip_position(&full, document.first_line);
-    let (mut path, detail) = split_serde_path(&message);
-    if let Some(name) = unknown_field_name(detail) {
-        path.push(name.to_owned());
-    }
-    // Without "at line" in its text, serde_yaml's location is only the document start.
-    let line = match error.location() {
-        Some(location) if full.contains(" at line ") => document.file_line(location.line()),
-        _ => document.line_of(&path),
+    // A well-formed policy is read once. Only when the strict reading fails is the
+    // document read generically, so that the most telling error is reported: a syntax
+    // error anywhere, an empty document, or the wrong kind rather than its unknown fields.
+    let schema_error = match deserialize::<RawObject>(document, Pass::Schema, file) {
+        Ok(raw) => {
+            check_type(raw.api_version.clone(), raw.kind.clone(), document, file)?;
+            return build(raw, document, file).map(Some);
+        }
+        Err(error) => error,
     };
-    PolicyError::Invalid {
+    let survey: Survey = deserialize(document, Pass::Read, file)?;
+    let (api_version, kind) = match survey {
+        Survey::Empty => return Ok(None),
+        Survey::Other(found) => {
+            let problem = Problem::new::<&str>(
+                &[],
+                format!("expected a PeerAuthentication object (a YAML mapping), found {found}"),
+            );
+            return Err(located(&problem, document, file));
+        }
+        Survey::Object { api_version, kind } => (api_version, kind),
+    };
+    check_type(api_version, kind, document, file)?;
+    Err(schema_error)
+}
+
+/// Which reading of a document failed.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Pass {
+    /// The generic read: anything but a limit or a duplicate key is a syntax error.
+    Read,
+    /// The strict schema: errors are about a field.
+    Schema,
+}
+
+/// Turns a parser error into a located [`PolicyError`].
+fn yaml_error(
+    error: &serde_saphyr::Error,
+    path: &[String],
+    pass: Pass,
+    document: &Document<'_>,
+    file: &str,
+) -> PolicyError {
+    use serde_saphyr::Error as E;
+    let error = error.without_snippet();
+    let location = error.location().filter(|location| location.line() > 0);
+    let line = match location {
+        Some(location) => document.file_line(location.line() as usize),
+        None => document.line_of(path),
+    };
+    let column = location.map_or(1, |location| location.column() as usize);
+    let invalid = |path: Vec<String>, message: String| PolicyError::Invalid {
         origin: Origin {
             file: file.to_owned(),
             line,
         },
         field: field_name(&path),
-        message: detail.to_owned(),
-    }
-}
-
-/// Removes serde_yaml's leading " at line L column C" (the error is reported with the
-/// file line up front) and shifts any later position ("while parsing a mapping at line
-/// 3 column 1") from document lines to file lines by adding `line_offset`.
-fn strip_position(message: &str, line_offset: usize) -> String {
-    const AT_LINE: &str = " at line ";
-    let mut result = String::with_capacity(message.len());
-    let mut rest = message;
-    let mut first = true;
-    while let Some(start) = rest.find(AT_LINE) {
-        result.push_str(&rest[..start]);
-        let after = &rest[start + AT_LINE.len()..];
-        let digits = after.len() - after.trim_start_matches(|c: char| c.is_ascii_digit()).len();
-        let Ok(line) = after[..digits].parse::<usize>() else {
-            result.push_str(AT_LINE);
-            rest = after;
-            continue;
-        };
-        if !first {
-            result.push_str(&format!("{AT_LINE}{}", line + line_offset));
+        message,
+    };
+    match error {
+        E::Budget { breach, .. } => {
+            PolicyError::limit(file.to_owned(), Some(line), breach_message(breach))
         }
-        rest = &after[digits..];
-        if let Some(column) = rest.strip_prefix(" column ") {
-            let digits = column.len()
-                - column
-                    .trim_start_matches(|c: char| c.is_ascii_digit())
-                    .len();
-            if !first {
-                result.push_str(&format!(" column {}", &column[..digits]));
+        E::DuplicateMappingKey { key, .. } => {
+            let key = key.as_deref().unwrap_or("?");
+            let mut field = path.to_vec();
+            // The path tracker adds a placeholder for the key it could not read.
+            if field.last().is_some_and(|last| last == "?") {
+                field.pop();
             }
-            rest = &column[digits..];
+            field.push(clip(key));
+            invalid(
+                field,
+                format!("duplicate key {}; each key may appear once", quote(key)),
+            )
         }
-        first = false;
+        E::ExternalMessage { msg, .. } if msg.contains("recursion limit") => PolicyError::limit(
+            file.to_owned(),
+            Some(line),
+            format!("nested deeper than {MAX_DEPTH} levels; a policy needs far fewer"),
+        ),
+        E::SerdeUnknownField {
+            field, expected, ..
+        } => {
+            let mut path = path.to_vec();
+            if path.last() != Some(&clip(field)) {
+                path.push(clip(field));
+            }
+            invalid(
+                path,
+                format!(
+                    "unknown field `{}`, expected one of {}",
+                    clip(field),
+                    expected.join(", ")
+                ),
+            )
+        }
+        E::Unexpected { expected, .. } if pass == Pass::Schema => {
+            invalid(path.to_vec(), format!("invalid type: expected {expected}"))
+        }
+        E::SerdeInvalidType {
+            unexpected,
+            expected,
+            ..
+        } => invalid(
+            path.to_vec(),
+            format!(
+                "invalid type: {}, expected {}",
+                clip(unexpected),
+                clip(expected)
+            ),
+        ),
+        E::SerdeInvalidValue {
+            unexpected,
+            expected,
+            ..
+        } => invalid(
+            path.to_vec(),
+            format!(
+                "invalid value: {}, expected {}",
+                clip(unexpected),
+                clip(expected)
+            ),
+        ),
+        other => {
+            let message = parser_message(other);
+            match pass {
+                Pass::Read => PolicyError::Syntax {
+                    file: file.to_owned(),
+                    line,
+                    column,
+                    message,
+                },
+                Pass::Schema => invalid(path.to_vec(), message),
+            }
+        }
     }
-    result.push_str(rest);
-    result
 }
 
-/// serde_yaml prefixes nested errors with the dotted path: "spec.mtls: unknown ...".
-fn split_serde_path(message: &str) -> (Vec<String>, &str) {
-    match message.split_once(": ") {
-        Some((head, detail))
-            if !head.is_empty() && !head.contains(char::is_whitespace) && !head.contains('`') =>
-        {
-            (head.split('.').map(str::to_owned).collect(), detail)
-        }
-        _ => (Vec::new(), message),
+/// The parser's own wording, without position, cut short if it quotes a long value.
+fn parser_message(error: &serde_saphyr::Error) -> String {
+    use serde_saphyr::MessageFormatter;
+    let message = serde_saphyr::DefaultMessageFormatter.format_message(error);
+    let message: String = message.escape_debug().collect();
+    match message.char_indices().nth(4 * MAX_QUOTED_CHARS) {
+        Some((end, _)) => format!("{}…", &message[..end]),
+        None => message,
     }
 }
 
-fn unknown_field_name(detail: &str) -> Option<&str> {
-    detail
-        .strip_prefix("unknown field `")?
-        .split_once('`')
-        .map(|(name, _)| name)
+fn breach_message(breach: &BudgetBreach) -> String {
+    match breach {
+        BudgetBreach::Depth { .. } => {
+            format!("nested deeper than {MAX_DEPTH} levels; a policy needs far fewer")
+        }
+        BudgetBreach::Nodes { .. } | BudgetBreach::Events { .. } => {
+            format!("more than {MAX_NODES} YAML nodes in one document; a policy needs far fewer")
+        }
+        BudgetBreach::Aliases { .. } | BudgetBreach::Anchors { .. } => {
+            "too many YAML anchors or aliases; write the policy out in full".to_owned()
+        }
+        BudgetBreach::ScalarBytes { .. } => {
+            format!("more than {MAX_DOCUMENT_BYTES} bytes of text in one document")
+        }
+        BudgetBreach::Documents { .. } => {
+            "more than one YAML document where one was expected".to_owned()
+        }
+        other => format!("the document is beyond what a policy may hold ({other:?})"),
+    }
+}
+
+/// The root of a document as the first reading sees it.
+enum Survey {
+    /// Nothing, comments only, or `null`.
+    Empty,
+    /// A mapping, with its `apiVersion` and `kind` if present.
+    Object {
+        api_version: Option<Scalar>,
+        kind: Option<Scalar>,
+    },
+    /// Anything else, described (`a sequence`, ...).
+    Other(String),
+}
+
+impl<'de> Deserialize<'de> for Survey {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        deserializer.deserialize_any(SurveyVisitor)
+    }
+}
+
+struct SurveyVisitor;
+
+impl<'de> Visitor<'de> for SurveyVisitor {
+    type Value = Survey;
+
+    fn expecting(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
+        formatter.write_str("a YAML document")
+    }
+
+    fn visit_unit<E: de::Error>(self) -> Result<Survey, E> {
+        Ok(Survey::Empty)
+    }
+
+    fn visit_none<E: de::Error>(self) -> Result<Survey, E> {
+        Ok(Survey::Empty)
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Survey, A::Error> {
+        let (mut api_version, mut kind) = (None, None);
+        while let Some(key) = map.next_key::<Scalar>()? {
+            match key {
+                Scalar::Text(key) if key == "apiVersion" => api_version = Some(map.next_value()?),
+                Scalar::Text(key) if key == "kind" => kind = Some(map.next_value()?),
+                _ => {
+                    map.next_value::<Skip>()?;
+                }
+            }
+        }
+        Ok(Survey::Object { api_version, kind })
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<Survey, A::Error> {
+        Skip::visit_all(seq)?;
+        Ok(Survey::Other("a sequence".to_owned()))
+    }
+
+    fn visit_str<E: de::Error>(self, value: &str) -> Result<Survey, E> {
+        Ok(Survey::Other(format!("the text {}", quote(value))))
+    }
+
+    fn visit_bool<E: de::Error>(self, value: bool) -> Result<Survey, E> {
+        Ok(Survey::Other(format!("the value {value}")))
+    }
+
+    fn visit_i64<E: de::Error>(self, value: i64) -> Result<Survey, E> {
+        Ok(Survey::Other(format!("the number {value}")))
+    }
+
+    fn visit_u64<E: de::Error>(self, value: u64) -> Result<Survey, E> {
+        Ok(Survey::Other(format!("the number {value}")))
+    }
+
+    fn visit_f64<E: de::Error>(self, value: f64) -> Result<Survey, E> {
+        Ok(Survey::Other(format!("the number {value}")))
+    }
+}
+
+/// A key or a type field's value: text, or a description of what else it is.
+#[derive(Clone)]
+enum Scalar {
+    /// A string (or anything written as one).
+    Text(String),
+    /// Not a string: `null`, `5`, `a sequence`, ...
+    Other(String),
+}
+
+impl<'de> Deserialize<'de> for Scalar {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        deserializer.deserialize_any(ScalarVisitor)
+    }
+}
+
+struct ScalarVisitor;
+
+impl<'de> Visitor<'de> for ScalarVisitor {
+    type Value = Scalar;
+
+    fn expecting(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
+        formatter.write_str("a YAML node")
+    }
+
+    fn visit_str<E: de::Error>(self, value: &str) -> Result<Scalar, E> {
+        Ok(Scalar::Text(value.to_owned()))
+    }
+
+    fn visit_unit<E: de::Error>(self) -> Result<Scalar, E> {
+        Ok(Scalar::Other("null".to_owned()))
+    }
+
+    fn visit_none<E: de::Error>(self) -> Result<Scalar, E> {
+        Ok(Scalar::Other("null".to_owned()))
+    }
+
+    fn visit_bool<E: de::Error>(self, value: bool) -> Result<Scalar, E> {
+        Ok(Scalar::Other(value.to_string()))
+    }
+
+    fn visit_i64<E: de::Error>(self, value: i64) -> Result<Scalar, E> {
+        Ok(Scalar::Other(value.to_string()))
+    }
+
+    fn visit_u64<E: de::Error>(self, value: u64) -> Result<Scalar, E> {
+        Ok(Scalar::Other(value.to_string()))
+    }
+
+    fn visit_f64<E: de::Error>(self, value: f64) -> Result<Scalar, E> {
+        Ok(Scalar::Other(value.to_string()))
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<Scalar, A::Error> {
+        Skip::visit_all(seq)?;
+        Ok(Scalar::Other("a sequence".to_owned()))
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Scalar, A::Error> {
+        Skip::visit_entries(map)?;
+        Ok(Scalar::Other("a mapping".to_owned()))
+    }
+}
+
+/// Reads and drops any node, reading keys as text so that an error (a duplicate key
+/// deep inside `metadata.annotations`, say) is named by its full path. Recursion is
+/// bounded by the parser's depth budget.
+struct Skip;
+
+impl Skip {
+    fn visit_all<'de, A: SeqAccess<'de>>(mut seq: A) -> Result<Skip, A::Error> {
+        while seq.next_element::<Skip>()?.is_some() {}
+        Ok(Skip)
+    }
+
+    fn visit_entries<'de, A: MapAccess<'de>>(mut map: A) -> Result<Skip, A::Error> {
+        while map.next_key::<Scalar>()?.is_some() {
+            map.next_value::<Skip>()?;
+        }
+        Ok(Skip)
+    }
+}
+
+impl<'de> Deserialize<'de> for Skip {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        deserializer.deserialize_any(SkipVisitor)
+    }
+}
+
+struct SkipVisitor;
+
+impl<'de> Visitor<'de> for SkipVisitor {
+    type Value = Skip;
+
+    fn expecting(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
+        formatter.write_str("a YAML node")
+    }
+
+    fn visit_bool<E: de::Error>(self, _: bool) -> Result<Skip, E> {
+        Ok(Skip)
+    }
+
+    fn visit_i64<E: de::Error>(self, _: i64) -> Result<Skip, E> {
+        Ok(Skip)
+    }
+
+    fn visit_u64<E: de::Error>(self, _: u64) -> Result<Skip, E> {
+        Ok(Skip)
+    }
+
+    fn visit_f64<E: de::Error>(self, _: f64) -> Result<Skip, E> {
+        Ok(Skip)
+    }
+
+    fn visit_str<E: de::Error>(self, _: &str) -> Result<Skip, E> {
+        Ok(Skip)
+    }
+
+    fn visit_bytes<E: de::Error>(self, _: &[u8]) -> Result<Skip, E> {
+        Ok(Skip)
+    }
+
+    fn visit_unit<E: de::Error>(self) -> Result<Skip, E> {
+        Ok(Skip)
+    }
+
+    fn visit_none<E: de::Error>(self) -> Result<Skip, E> {
+        Ok(Skip)
+    }
+
+    fn visit_some<D: Deserializer<'de>>(self, deserializer: D) -> Result<Skip, D::Error> {
+        Skip::deserialize(deserializer)
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<Skip, A::Error> {
+        Skip::visit_all(seq)
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Skip, A::Error> {
+        Skip::visit_entries(map)
+    }
+}
+
+/// Checks the `apiVersion` and `kind` found by the first reading.
+fn check_type(
+    api_version: Option<Scalar>,
+    kind: Option<Scalar>,
+    document: &Document<'_>,
+    file: &str,
+) -> Result<(), PolicyError> {
+    let mut problems = Vec::new();
+    let versions = API_VERSIONS.join(" or ");
+    match api_version {
+        None => problems.push(Problem::new(
+            &["apiVersion"],
+            format!("is required; expected {versions}"),
+        )),
+        Some(Scalar::Text(version)) if API_VERSIONS.contains(&version.as_str()) => {}
+        Some(found) => problems.push(Problem::new(
+            &["apiVersion"],
+            format!(
+                "unknown apiVersion {}; expected {versions}",
+                describe(&found)
+            ),
+        )),
+    }
+    match kind {
+        None => problems.push(Problem::new(
+            &["kind"],
+            format!("is required; expected {KIND}"),
+        )),
+        Some(Scalar::Text(kind)) if kind == KIND => {}
+        Some(found) => problems.push(Problem::new(
+            &["kind"],
+            format!("unknown kind {}; expected {KIND}", describe(&found)),
+        )),
+    }
+    located_all(&problems, document, file)
+}
+
+fn describe(found: &Scalar) -> String {
+    match found {
+        Scalar::Text(text) => quote(text),
+        Scalar::Other(description) => description.clone(),
+    }
 }
 
 fn located(problem: &Problem, document: &Document<'_>, file: &str) -> PolicyError {
     PolicyError::Invalid {
         origin: Origin {
             file: file.to_owned(),
-            line: document.line_of(&problem.path),
+            line: problem.line_in(document),
         },
         field: problem.field(),
         message: problem.message.clone(),
@@ -506,7 +940,7 @@ fn located_all(
 ) -> Result<(), PolicyError> {
     let mut placed: Vec<(usize, &Problem)> = problems
         .iter()
-        .map(|problem| (document.line_of(&problem.path), problem))
+        .map(|problem| (problem.line_in(document), problem))
         .collect();
     placed.sort_by(|a, b| (a.0, &a.1.path).cmp(&(b.0, &b.1.path)));
     placed.dedup();
@@ -536,16 +970,16 @@ fn build(
     let has_ports = spec
         .port_level_mtls
         .as_ref()
-        .is_some_and(|ports| !ports.is_empty());
+        .is_some_and(|ports| !ports.0.is_empty());
     let mode = parse_mode(spec.mtls, &["spec", "mtls", "mode"], &mut problems);
     let port_level = parse_port_level(spec.port_level_mtls, &mut problems);
     let policy = PeerAuthentication {
         name: metadata.name.unwrap_or_default(),
         namespace: metadata.namespace.unwrap_or_default(),
-        selector: spec
-            .selector
-            .and_then(|selector| selector.match_labels)
-            .filter(|labels| !labels.is_empty()),
+        selector: parse_labels(
+            spec.selector.and_then(|selector| selector.match_labels),
+            &mut problems,
+        ),
         mode,
         port_level,
         origin: Origin {
@@ -573,12 +1007,36 @@ fn parse_mode(mtls: Option<RawMtls>, path: &[&str], problems: &mut Vec<Problem>)
     }
 }
 
+/// `matchLabels` as a map; a label given twice (say `1:` and `"1":`) is a problem.
+fn parse_labels(
+    entries: Option<Entries<String, String>>,
+    problems: &mut Vec<Problem>,
+) -> Option<BTreeMap<String, String>> {
+    let mut labels = BTreeMap::new();
+    for (entry, (key, value)) in entries?.0.into_iter().enumerate() {
+        if labels.contains_key(&key) {
+            problems.push(Problem::at_entry(
+                &["spec", "selector", "matchLabels", &clip(&key)],
+                entry,
+                format!(
+                    "label {} is listed twice; each label may appear once",
+                    quote(&key)
+                ),
+            ));
+        }
+        labels.insert(key, value);
+    }
+    Some(labels).filter(|labels| !labels.is_empty())
+}
+
+/// `portLevelMtls` as a map. A port written twice, in any spelling (`8080`, `"8080"`,
+/// `08080`), is a problem: last-wins would let a later entry silently undo an earlier one.
 fn parse_port_level(
-    entries: Option<BTreeMap<RawPort, RawMtls>>,
+    entries: Option<Entries<RawPort, RawMtls>>,
     problems: &mut Vec<Problem>,
 ) -> BTreeMap<u16, Mode> {
     let mut port_level = BTreeMap::new();
-    let Some(entries) = entries else {
+    let Some(Entries(entries)) = entries else {
         return port_level;
     };
     if entries.is_empty() {
@@ -588,21 +1046,43 @@ fn parse_port_level(
             "must list at least one port when present",
         ));
     }
-    for (RawPort(number), mtls) in entries {
-        let key = number.to_string();
+    let mut spelled: BTreeMap<u16, String> = BTreeMap::new();
+    for (entry, (key, mtls)) in entries.into_iter().enumerate() {
+        let written = clip(&key.0);
         let mode = parse_mode(
             Some(mtls),
-            &["spec", "portLevelMtls", &key, "mode"],
+            &["spec", "portLevelMtls", &written, "mode"],
             problems,
         );
+        let field = ["spec", "portLevelMtls", written.as_str()];
+        let Some(number) = key.number() else {
+            problems.push(Problem::new(
+                &field,
+                format!(
+                    "{} is not a port number; expected a workload port in 1..=65535",
+                    quote(&key.0)
+                ),
+            ));
+            continue;
+        };
         match u16::try_from(number) {
             Ok(port) if port != 0 => {
-                port_level.insert(port, mode);
+                if let Some(first) = spelled.get(&port) {
+                    problems.push(Problem::at_entry(
+                        &field,
+                        entry,
+                        format!(
+                            "port {port} is listed twice (first as {}); each port may have \
+                             one mode",
+                            quote(first)
+                        ),
+                    ));
+                } else {
+                    spelled.insert(port, key.0.clone());
+                    port_level.insert(port, mode);
+                }
             }
-            _ => problems.push(Problem::new(
-                &["spec", "portLevelMtls", &key],
-                port_range_message(number),
-            )),
+            _ => problems.push(Problem::new(&field, port_range_message(number))),
         }
     }
     port_level

@@ -1,21 +1,18 @@
 //! The active policy set and the effective mode of a workload.
 
 use std::collections::BTreeMap;
+use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
 use super::parse::{duplicate_errors, object_problems};
 use super::{DEFAULT_ROOT_NAMESPACE, Mode, PeerAuthentication, PolicyError, PolicyRef, Scope};
 
-/// The validated, active set of policies, in application order.
+/// The validated, active set of policies, oldest first.
 ///
-/// Application order stands in for Kubernetes' `creationTimestamp`, which Istio uses to
-/// break ties ("the oldest one wins") and which files do not carry reliably: a policy
-/// that comes earlier was applied earlier, i.e. is older. Replacing a policy (same
-/// namespace/name) keeps its place, just as updating a Kubernetes object keeps its
-/// creation timestamp; new policies go to the end.
-///
-/// The set is immutable: every change returns a new set and leaves `self` untouched.
+/// Age stands in for Kubernetes' `creationTimestamp`, which Istio uses to break ties
+/// ("the oldest one wins"). [`super::PolicySources`] keeps the ages and builds the set;
+/// the set itself is immutable and shared (`Arc`) by everyone who reads the policy.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct PolicySet {
     root_namespace: String,
@@ -39,12 +36,22 @@ pub struct WorkloadRef<'a> {
 }
 
 /// What decides one port or the workload default.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct Decision {
     /// The resolved mode; never [`Mode::Unset`].
     pub mode: Mode,
     /// The policy that supplied `mode`; `None` for the built-in default PERMISSIVE.
     pub policy: Option<PolicyRef>,
+}
+
+impl fmt::Display for Decision {
+    /// "STRICT by istio-system/default", or the built-in default when no policy decided.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.policy {
+            Some(policy) => write!(f, "{} by {policy}", self.mode),
+            None => write!(f, "{} (mesh default, no policy)", self.mode),
+        }
+    }
 }
 
 impl Decision {
@@ -110,56 +117,17 @@ impl PolicySet {
             .find(|policy| policy.namespace == namespace && policy.name == name)
     }
 
-    /// All-or-nothing apply: checks the batch (each object, and no namespace/name twice
-    /// within it) and returns a new set in which objects with the namespace/name of an
-    /// existing policy replace it in place, keeping its age (like a Kubernetes update
-    /// keeps `creationTimestamp`), and other objects are appended in batch order.
-    pub fn with_applied(&self, batch: Vec<PeerAuthentication>) -> Result<PolicySet, PolicyError> {
-        validate_batch(&batch)?;
-        let mut policies = self.policies.clone();
-        for incoming in batch {
-            match policies.iter_mut().find(|old| same_object(old, &incoming)) {
-                Some(slot) => *slot = incoming,
-                None => policies.push(incoming),
-            }
-        }
-        Ok(self.with_policies(policies))
-    }
-
-    /// Replaces the whole set with exactly the objects of `batch` (used when reloading
-    /// a policy directory), checked as in [`PolicySet::with_applied`]. Objects already
-    /// present keep their age and relative order (so that a reload never changes which
-    /// of two same-scope policies is the oldest); new ones follow in batch order.
-    pub fn replaced(&self, batch: Vec<PeerAuthentication>) -> Result<PolicySet, PolicyError> {
-        validate_batch(&batch)?;
-        let mut incoming: Vec<Option<PeerAuthentication>> = batch.into_iter().map(Some).collect();
-        let mut policies = Vec::with_capacity(incoming.len());
-        for old in &self.policies {
-            let replacement = incoming
-                .iter_mut()
-                .find(|new| new.as_ref().is_some_and(|new| same_object(old, new)))
-                .and_then(Option::take);
-            policies.extend(replacement);
-        }
-        policies.extend(incoming.into_iter().flatten());
-        Ok(self.with_policies(policies))
-    }
-
-    /// Removes `namespace/name`; [`PolicyError::NotFound`] if absent.
-    pub fn without(&self, namespace: &str, name: &str) -> Result<PolicySet, PolicyError> {
-        if self.get(namespace, name).is_none() {
-            return Err(PolicyError::NotFound(PolicyRef {
-                namespace: namespace.to_owned(),
-                name: name.to_owned(),
-            }));
-        }
-        let policies = self
-            .policies
-            .iter()
-            .filter(|policy| !(policy.namespace == namespace && policy.name == name))
-            .cloned()
-            .collect();
-        Ok(self.with_policies(policies))
+    /// A set of `policies`, given oldest first, after checking each and refusing
+    /// namespace/name twice (see [`validate`]).
+    pub fn from_oldest_first(
+        root_namespace: impl Into<String>,
+        policies: Vec<PeerAuthentication>,
+    ) -> Result<PolicySet, PolicyError> {
+        validate(&policies)?;
+        Ok(PolicySet {
+            root_namespace: root_namespace.into(),
+            policies,
+        })
     }
 
     /// Effective inbound mode for a workload, as Istio's sidecar implementation
@@ -225,13 +193,6 @@ impl PolicySet {
     ) -> Option<&PeerAuthentication> {
         self.policies.iter().find(|policy| applies(policy))
     }
-
-    fn with_policies(&self, policies: Vec<PeerAuthentication>) -> PolicySet {
-        PolicySet {
-            root_namespace: self.root_namespace.clone(),
-            policies,
-        }
-    }
 }
 
 /// `policy` decides with `mode` unless that is UNSET, which keeps the inherited decision.
@@ -255,13 +216,10 @@ fn selects(policy: &PeerAuthentication, labels: &BTreeMap<String, String>) -> bo
     })
 }
 
-fn same_object(a: &PeerAuthentication, b: &PeerAuthentication) -> bool {
-    a.namespace == b.namespace && a.name == b.name
-}
-
-/// Checks objects built by any caller (the parser already did, with precise lines):
-/// value problems are reported at the object's origin, then duplicates.
-fn validate_batch(batch: &[PeerAuthentication]) -> Result<(), PolicyError> {
+/// Checks objects built by any caller (the parser already did, with precise lines), such
+/// as a batch received over the admin socket: value problems are reported at the object's
+/// origin, then namespace/name given twice.
+pub fn validate(batch: &[PeerAuthentication]) -> Result<(), PolicyError> {
     let mut errors: Vec<PolicyError> = batch
         .iter()
         .flat_map(|policy| {

@@ -30,6 +30,7 @@ use super::{
 };
 use crate::{
     delivery,
+    mesh::Membership,
     records::{Connection, Direction, Security, Verdict},
     tls,
 };
@@ -114,7 +115,11 @@ async fn handle(
         }
     };
     conn.source_identity = Some(client.to_string());
-    conn.source_workload = shared.mesh.peer(ip_of(peer)).map(|p| p.workload.clone());
+    // The caller is authenticated; its workload name only labels the record.
+    conn.source_workload = match shared.mesh.resolve(ip_of(peer)).await {
+        Membership::Meshed(caller) => Some(caller.workload.clone()),
+        _ => None,
+    };
     let port = match timeout(limits.request_timeout, header::read_request(&mut tunnel)).await {
         Ok(Ok(port)) => port,
         Ok(Err(e)) => {

@@ -41,7 +41,7 @@ fn with_ports(mut policy: PeerAuthentication, ports: &[(u16, Mode)]) -> PeerAuth
 }
 
 fn set(policies: Vec<PeerAuthentication>) -> PolicySet {
-    PolicySet::default().with_applied(policies).unwrap()
+    PolicySet::from_oldest_first(DEFAULT_ROOT_NAMESPACE, policies).unwrap()
 }
 
 fn decided(mode: Mode, namespace: &str, name: &str) -> Decision {
@@ -61,12 +61,6 @@ fn effective_for(set: &PolicySet, namespace: &str) -> EffectivePolicy {
         namespace,
         labels: &labels,
     })
-}
-
-fn names(set: &PolicySet) -> Vec<String> {
-    set.policies()
-        .map(|policy| policy.reference().to_string())
-        .collect()
 }
 
 // --- Scopes and precedence ------------------------------------------------------------
@@ -168,7 +162,7 @@ fn workload_unset_inherits_namespace_then_mesh_then_default() {
 
 #[test]
 fn selector_must_match_all_labels() {
-    let set = set(vec![
+    let mut policies = vec![
         workload_policy("foo", "other-app", &[("app", "db")], Mode::Strict),
         workload_policy(
             "foo",
@@ -176,21 +170,21 @@ fn selector_must_match_all_labels() {
             &[("app", "web"), ("tier", "front")],
             Mode::Strict,
         ),
-    ]);
+    ];
     assert_eq!(
-        effective_for(&set, "foo").default,
+        effective_for(&set(policies.clone()), "foo").default,
         Decision::builtin_default()
     );
 
     // A subset of the workload's labels matches.
-    let set = set.with_applied(vec![workload_policy(
+    policies.push(workload_policy(
         "foo",
         "subset",
         &[("version", "v1")],
         Mode::Disable,
-    )]);
+    ));
     assert_eq!(
-        effective_for(&set.unwrap(), "foo").default,
+        effective_for(&set(policies), "foo").default,
         decided(Mode::Disable, "foo", "subset")
     );
 }
@@ -235,12 +229,14 @@ fn selector_policies_in_the_root_namespace_are_ignored() {
 
 #[test]
 fn root_namespace_is_configurable() {
-    let set = PolicySet::new("mesh-root")
-        .with_applied(vec![
+    let set = PolicySet::from_oldest_first(
+        "mesh-root",
+        vec![
             policy("mesh-root", "mesh", Mode::Strict),
             policy("istio-system", "default", Mode::Disable),
-        ])
-        .unwrap();
+        ],
+    )
+    .unwrap();
     assert_eq!(set.root_namespace(), "mesh-root");
     assert_eq!(
         effective_for(&set, "foo").default,
@@ -392,25 +388,6 @@ fn oldest_matching_workload_policy_wins_with_its_ports() {
 }
 
 #[test]
-fn a_replaced_policy_keeps_its_age() {
-    let set = set(vec![
-        policy("istio-system", "first", Mode::Permissive),
-        policy("istio-system", "second", Mode::Strict),
-    ]);
-    let updated = set
-        .with_applied(vec![policy("istio-system", "first", Mode::Disable)])
-        .unwrap();
-    assert_eq!(
-        names(&updated),
-        ["istio-system/first", "istio-system/second"]
-    );
-    assert_eq!(
-        effective_for(&updated, "foo").default,
-        decided(Mode::Disable, "istio-system", "first")
-    );
-}
-
-#[test]
 fn parsed_file_order_is_application_order() {
     let text = "\
 apiVersion: security.istio.io/v1
@@ -423,146 +400,11 @@ kind: PeerAuthentication
 metadata: {name: b, namespace: foo}
 spec: {mtls: {mode: DISABLE}}
 ";
-    let set = PolicySet::default()
-        .with_applied(parse_str(text, "f.yaml").unwrap())
-        .unwrap();
+    let set = set(parse_str(text, "f.yaml").unwrap());
     assert_eq!(
         effective_for(&set, "foo").default,
         decided(Mode::Strict, "foo", "a")
     );
-}
-
-// --- Editing the set ------------------------------------------------------------------
-
-#[test]
-fn with_applied_appends_new_and_replaces_existing_in_place() {
-    let set = set(vec![
-        policy("foo", "a", Mode::Strict),
-        policy("foo", "b", Mode::Strict),
-    ]);
-    let applied = set
-        .with_applied(vec![
-            policy("foo", "c", Mode::Strict),
-            policy("foo", "a", Mode::Disable),
-        ])
-        .unwrap();
-    assert_eq!(names(&applied), ["foo/a", "foo/b", "foo/c"]);
-    assert_eq!(applied.get("foo", "a").unwrap().mode, Mode::Disable);
-    // The original set is untouched.
-    assert_eq!(set.get("foo", "a").unwrap().mode, Mode::Strict);
-    assert_eq!(set.len(), 2);
-}
-
-#[test]
-fn with_applied_is_all_or_nothing() {
-    let set = set(vec![policy("foo", "a", Mode::Strict)]);
-    let mut bad = with_ports(policy("foo", "ports", Mode::Strict), &[(80, Mode::Disable)]);
-    bad.origin = Origin {
-        file: "batch.yaml".into(),
-        line: 7,
-    };
-    let error = set
-        .with_applied(vec![policy("foo", "good", Mode::Disable), bad])
-        .unwrap_err();
-    assert_eq!(
-        error.to_string(),
-        "batch.yaml:7: field `spec.portLevelMtls`: portLevelMtls requires a selector: \
-         port-level modes are only allowed in a workload policy with non-empty \
-         spec.selector.matchLabels"
-    );
-    assert_eq!(names(&set), ["foo/a"]);
-    assert_eq!(
-        effective_for(&set, "foo").default,
-        decided(Mode::Strict, "foo", "a")
-    );
-}
-
-#[test]
-fn with_applied_rejects_duplicates_within_the_batch() {
-    let mut second = policy("foo", "a", Mode::Disable);
-    second.origin.line = 12;
-    let error = PolicySet::default()
-        .with_applied(vec![policy("foo", "a", Mode::Strict), second])
-        .unwrap_err();
-    match error {
-        PolicyError::Duplicate {
-            policy,
-            first,
-            second,
-        } => {
-            assert_eq!(policy.to_string(), "foo/a");
-            assert_eq!((first.line, second.line), (1, 12));
-        }
-        other => panic!("expected a duplicate, got {other}"),
-    }
-}
-
-#[test]
-fn with_applied_rejects_invalid_objects_built_in_code() {
-    let nameless = policy("", "", Mode::Strict);
-    let zero_port = with_ports(
-        workload_policy("foo", "z", &[("app", "web")], Mode::Strict),
-        &[(0, Mode::Strict)],
-    );
-    let error = PolicySet::default()
-        .with_applied(vec![nameless, zero_port])
-        .unwrap_err();
-    let fields = error.invalid_fields();
-    assert_eq!(
-        fields,
-        [
-            "metadata.name",
-            "metadata.namespace",
-            "spec.portLevelMtls.0"
-        ]
-    );
-}
-
-#[test]
-fn replaced_holds_exactly_the_batch_and_keeps_ages() {
-    let set = set(vec![
-        policy("foo", "a", Mode::Strict),
-        policy("foo", "b", Mode::Strict),
-        policy("foo", "c", Mode::Strict),
-    ]);
-    let reloaded = set
-        .replaced(vec![
-            policy("foo", "new", Mode::Disable),
-            policy("foo", "c", Mode::Permissive),
-            policy("foo", "a", Mode::Disable),
-        ])
-        .unwrap();
-    assert_eq!(names(&reloaded), ["foo/a", "foo/c", "foo/new"]);
-    assert_eq!(reloaded.get("foo", "c").unwrap().mode, Mode::Permissive);
-    assert_eq!(reloaded.root_namespace(), "istio-system");
-
-    let emptied = set.replaced(Vec::new()).unwrap();
-    assert!(emptied.is_empty());
-}
-
-#[test]
-fn replaced_rejects_duplicates() {
-    let error = PolicySet::default()
-        .replaced(vec![
-            policy("foo", "a", Mode::Strict),
-            policy("foo", "a", Mode::Strict),
-        ])
-        .unwrap_err();
-    assert!(matches!(error, PolicyError::Duplicate { .. }));
-}
-
-#[test]
-fn without_removes_or_reports_not_found() {
-    let set = set(vec![
-        policy("foo", "a", Mode::Strict),
-        policy("bar", "a", Mode::Strict),
-    ]);
-    let removed = set.without("foo", "a").unwrap();
-    assert_eq!(names(&removed), ["bar/a"]);
-
-    let error = removed.without("foo", "a").unwrap_err();
-    assert!(matches!(&error, PolicyError::NotFound(reference) if reference.to_string() == "foo/a"));
-    assert_eq!(error.to_string(), "PeerAuthentication foo/a not found");
 }
 
 // --- Examples and serialization -------------------------------------------------------
@@ -574,9 +416,7 @@ fn example_workload_policy_resolves() {
         "/../policies/workload-port-exception.yaml"
     ))
     .unwrap();
-    let set = PolicySet::default()
-        .with_applied(parse_str(&text, "workload-port-exception.yaml").unwrap())
-        .unwrap();
+    let set = set(parse_str(&text, "workload-port-exception.yaml").unwrap());
     let tracker = labels(&[("app", "position-tracker"), ("pod-template-hash", "abc")]);
     let effective = set.effective(&WorkloadRef {
         namespace: "vehicles",
