@@ -11,6 +11,7 @@ use std::{
     sync::Mutex,
 };
 
+use crate::admin::protocol::KernelCounters;
 use aya::{
     Ebpf, EbpfLoader,
     maps::{HashMap, MapData, PerCpuArray, RingBuf},
@@ -19,7 +20,7 @@ use aya::{
         links::{FdLink, LinkError, PinnedLink},
     },
 };
-use interceptor_common::{COUNTERS, InboundKey, OriginalDst, PodPortKey};
+use interceptor_common::{COUNTERS, InboundKey, KernelEvent, OriginalDst, PodPortKey};
 
 /// The compiled eBPF object, built by build.rs.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/interceptor"));
@@ -68,19 +69,6 @@ pub enum EbpfError {
     },
 }
 
-/// Sum of one per-CPU counter of the kernel programs.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct KernelCounters {
-    /// Connects redirected to the agent.
-    pub redirected: u64,
-    /// Plaintext SYNs refused under STRICT.
-    pub strict_drops: u64,
-    /// Events lost because the ring buffer was full.
-    pub events_lost: u64,
-    /// Plaintext connections accepted by pods from outside the mesh.
-    pub plaintext_accepted: u64,
-}
-
 /// Loads a cgroup program and, unless a previous agent's pinned link is still there, attaches
 /// it to the pods' cgroup and pins the link. A macro because aya's cgroup program types share
 /// these methods without sharing a trait.
@@ -123,8 +111,58 @@ pub struct LoadedKernel {
     pub original_dsts: OriginalDsts,
     /// The per-CPU counters (metrics' and status').
     pub counters: CounterReader,
-    /// The kernel events ring buffer (the event reader's).
-    pub events: RingBuf<MapData>,
+    /// The kernel events (the event reader's).
+    pub events: EventReader,
+}
+
+/// Reads the kernel programs' events from their ring buffer, decoded.
+pub struct EventReader {
+    ring: RingBuf<MapData>,
+}
+
+impl EventReader {
+    /// Starts reading: registers the ring buffer with the async runtime.
+    pub fn start(self) -> std::io::Result<EventStream> {
+        // SAFETY: the ring buffer owns its fd and lives inside the AsyncFd as long as it does.
+        let ring = unsafe { tokio::io::unix::AsyncFd::register(self.ring) }?;
+        Ok(EventStream { ring, ready: true })
+    }
+}
+
+/// Decoded kernel events as they arrive; see [`EventReader::start`].
+pub struct EventStream {
+    ring: tokio::io::unix::AsyncFd<RingBuf<MapData>>,
+    /// Whether to drain before waiting (at start, events of a downtime are already there).
+    ready: bool,
+}
+
+impl EventStream {
+    /// The next events, oldest first; waits until there are some.
+    pub async fn next_batch(&mut self) -> std::io::Result<Vec<KernelEvent>> {
+        loop {
+            if self.ready {
+                let batch = drain(self.ring.get_mut());
+                if !batch.is_empty() {
+                    return Ok(batch);
+                }
+                self.ready = false;
+            }
+            self.ring.readable_mut().await?.clear_ready();
+            self.ready = true;
+        }
+    }
+}
+
+/// Every complete event now in the ring.
+fn drain(ring: &mut RingBuf<MapData>) -> Vec<KernelEvent> {
+    let mut batch = Vec::new();
+    while let Some(item) = ring.next() {
+        if item.len() >= std::mem::size_of::<KernelEvent>() {
+            // SAFETY: the kernel wrote a KernelEvent; read_unaligned copes with any alignment.
+            batch.push(unsafe { std::ptr::read_unaligned(item.as_ptr().cast::<KernelEvent>()) });
+        }
+    }
+    batch
 }
 
 /// The original destinations connect4 saved, keyed by pod and client port.
@@ -222,7 +260,9 @@ impl Kernel {
             counters: CounterReader {
                 counters: take_map(&mut bpf, "COUNTERS")?,
             },
-            events: take_map(&mut bpf, "EVENTS")?,
+            events: EventReader {
+                ring: take_map(&mut bpf, "EVENTS")?,
+            },
             kernel: Kernel {
                 enrolled: take_map(&mut bpf, "ENROLLED")?,
                 inbound_mode: take_map(&mut bpf, "INBOUND_MODE")?,

@@ -4,8 +4,10 @@
 
 pub mod admin;
 pub mod agent;
+pub mod app;
 pub mod cgroup;
 pub mod cli;
+pub mod config;
 pub mod delivery;
 pub mod directory;
 pub mod ebpf;
@@ -19,5 +21,6 @@ pub mod policy;
 pub mod proxy;
 pub mod records;
 pub mod status;
+pub mod sync;
 pub mod tls;
 pub mod workloads;

@@ -8,18 +8,32 @@ use tokio::{
     net::{TcpListener, TcpStream},
 };
 
-use crate::{agent::Agent, records::MetricsSnapshot};
+use crate::{
+    ebpf::CounterReader,
+    proxy::admission::Admission,
+    records::{MetricsSnapshot, RecordStore},
+};
+
+/// What the metrics port reads: narrow handles, not the agent.
+pub struct MetricsSources {
+    /// Connection records and their counters.
+    pub records: Arc<RecordStore>,
+    /// The kernel programs' counters.
+    pub counters: Arc<CounterReader>,
+    /// Unauthenticated tunnel connections.
+    pub admission: Arc<Admission>,
+}
 
 /// Serves until the task is aborted.
-pub async fn serve(listener: TcpListener, agent: Arc<Agent>) {
+pub async fn serve(listener: TcpListener, sources: Arc<MetricsSources>) {
     loop {
         if let Ok((stream, _)) = listener.accept().await {
-            tokio::spawn(handle(stream, agent.clone()));
+            tokio::spawn(handle(stream, sources.clone()));
         }
     }
 }
 
-async fn handle(mut stream: TcpStream, agent: Arc<Agent>) {
+async fn handle(mut stream: TcpStream, sources: Arc<MetricsSources>) {
     let mut request = vec![0u8; 4096];
     let Ok(n) = stream.read(&mut request).await else {
         return;
@@ -31,9 +45,9 @@ async fn handle(mut stream: TcpStream, agent: Arc<Agent>) {
             "200 OK",
             "text/plain; version=0.0.4",
             render(
-                &agent.records().metrics(),
-                &agent.kernel_counters(),
-                agent.pending_tunnels(),
+                &sources.records.metrics(),
+                &sources.counters.read(),
+                sources.admission.pending(),
             ),
         ),
         "/healthz/ready" => ("200 OK", "text/plain", "ready\n".to_owned()),
@@ -53,7 +67,7 @@ type CounterOf = fn(&crate::records::EdgeCounters) -> u64;
 /// unauthenticated tunnel connections now.
 pub fn render(
     metrics: &MetricsSnapshot,
-    kernel: &crate::ebpf::KernelCounters,
+    kernel: &crate::admin::protocol::KernelCounters,
     pending_tunnels: usize,
 ) -> String {
     let mut out = String::new();

@@ -1,6 +1,12 @@
 //! Enrolled workloads (pods) of this node.
 
-use std::{collections::BTreeMap, fmt, net::Ipv4Addr, path::PathBuf};
+use std::{
+    collections::{BTreeMap, HashMap},
+    fmt,
+    net::Ipv4Addr,
+    path::PathBuf,
+    sync::{Arc, RwLock},
+};
 
 use serde::{Deserialize, Serialize};
 
@@ -31,20 +37,83 @@ impl WorkloadSpec {
         }
     }
 
-    /// Checks the fields a user typed; the message names the field at fault.
-    pub fn validate(&self) -> Result<(), String> {
+    /// Checks the fields a user typed; the error names the field at fault.
+    pub fn validate(&self) -> Result<(), InvalidWorkload> {
         for (field, value) in [
             ("name", &self.name),
             ("namespace", &self.namespace),
             ("service account", &self.service_account),
         ] {
             if !is_dns_label(value) {
-                return Err(format!(
-                    "workload {field} {value:?} must be a DNS label: lowercase letters, digits and '-', 1 to 63 characters"
-                ));
+                return Err(InvalidWorkload {
+                    field,
+                    value: value.clone(),
+                });
             }
         }
         Ok(())
+    }
+}
+
+/// A workload field that is not a DNS label.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "workload {field} {value:?} must be a DNS label: lowercase letters, digits and '-', 1 to 63 characters"
+)]
+pub struct InvalidWorkload {
+    /// Which field.
+    pub field: &'static str,
+    /// What it held.
+    pub value: String,
+}
+
+/// Where this node's workloads come from: the CLI through the admin socket today, the
+/// Kubernetes API next. A source enrolls and removes through this interface and never sees
+/// how enrolment is done.
+pub trait Enrolment: Send + Sync {
+    /// Why an enrolment or removal did not happen.
+    type Error: std::error::Error;
+
+    /// Enrolls a pod: capture, listeners, certificate, policy, mesh.
+    fn enroll(
+        &self,
+        spec: WorkloadSpec,
+    ) -> impl Future<Output = Result<WorkloadInfo, Self::Error>> + Send;
+
+    /// Removes a pod.
+    fn remove(&self, key: WorkloadKey) -> impl Future<Output = Result<(), Self::Error>> + Send;
+
+    /// The enrolled pods.
+    fn enrolled(&self) -> impl Future<Output = Vec<WorkloadInfo>> + Send;
+}
+
+/// An enrolled workload as the connection path and the kernel-event reader see it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LocalWorkload {
+    /// namespace/name.
+    pub key: WorkloadKey,
+    /// Its SPIFFE identity.
+    pub identity: String,
+}
+
+/// This node's enrolled workloads by address: an in-memory snapshot, replaced whole on every
+/// enrolment change, that readers take without waiting for enrolment.
+#[derive(Default)]
+pub struct LocalWorkloads {
+    by_ip: RwLock<Arc<HashMap<Ipv4Addr, LocalWorkload>>>,
+}
+
+impl LocalWorkloads {
+    /// The enrolled workload at `ip`, if any.
+    pub fn at(&self, ip: Ipv4Addr) -> Option<LocalWorkload> {
+        Arc::clone(&crate::sync::read(&self.by_ip))
+            .get(&ip)
+            .cloned()
+    }
+
+    /// Replaces the snapshot.
+    pub fn replace(&self, workloads: impl IntoIterator<Item = (Ipv4Addr, LocalWorkload)>) {
+        *crate::sync::write(&self.by_ip) = Arc::new(workloads.into_iter().collect());
     }
 }
 
@@ -99,9 +168,24 @@ mod tests {
     }
 
     #[test]
+    fn the_local_view_answers_by_address() {
+        let view = LocalWorkloads::default();
+        let ip = Ipv4Addr::new(198, 19, 1, 2);
+        assert_eq!(view.at(ip), None);
+        let web = LocalWorkload {
+            key: spec("web").key(),
+            identity: "spiffe://cluster.local/ns/default/sa/sleep".into(),
+        };
+        view.replace([(ip, web.clone())]);
+        assert_eq!(view.at(ip), Some(web));
+        view.replace([]);
+        assert_eq!(view.at(ip), None);
+    }
+
+    #[test]
     fn names_must_be_dns_labels() {
         assert!(spec("web-1").validate().is_ok());
-        let err = spec("Web_1").validate().unwrap_err();
+        let err = spec("Web_1").validate().unwrap_err().to_string();
         assert!(err.contains("workload name \"Web_1\""), "{err}");
         assert!(spec("").validate().is_err());
         assert!(spec("-a").validate().is_err());

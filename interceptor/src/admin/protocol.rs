@@ -2,7 +2,11 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::{policy::PeerAuthentication, workloads::WorkloadSpec};
+use crate::{
+    policy::PeerAuthentication,
+    records::{ConnectionRecord, WorkloadTotals},
+    workloads::WorkloadSpec,
+};
 
 /// A request from the CLI.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -52,4 +56,43 @@ pub enum Response {
     Ok(serde_json::Value),
     /// Failure; the message says what is wrong and what to do.
     Error(String),
+}
+
+/// The agent's answer to a status request. Part of the `status --output json` schema.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct StatusReport {
+    /// The node the agent serves.
+    pub node: String,
+    /// One entry per enrolled workload (and per workload seen in records since start).
+    pub workloads: Vec<WorkloadStatus>,
+    /// Totals kept by the kernel programs, which count also while the agent is down.
+    pub kernel: KernelCounters,
+    /// Recent connections, oldest first.
+    pub records: Vec<ConnectionRecord>,
+}
+
+/// Totals for one workload.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct WorkloadStatus {
+    /// namespace/name.
+    pub workload: String,
+    /// SPIFFE identity, when enrolled.
+    pub identity: Option<String>,
+    /// Address, when enrolled.
+    pub ip: Option<std::net::Ipv4Addr>,
+    /// Connection and byte totals since the agent started.
+    pub totals: WorkloadTotals,
+}
+
+/// Totals of the kernel programs' per-CPU counters.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KernelCounters {
+    /// Connects redirected to the agent.
+    pub redirected: u64,
+    /// Plaintext SYNs refused under STRICT.
+    pub strict_drops: u64,
+    /// Events lost because the ring buffer was full.
+    pub events_lost: u64,
+    /// Plaintext connections accepted by pods from outside the mesh.
+    pub plaintext_accepted: u64,
 }

@@ -8,8 +8,10 @@ use tokio::{
 };
 use tracing::warn;
 
-use super::protocol::{Request, Response};
-use crate::agent::Agent;
+use super::{
+    AdminHandler,
+    protocol::{Request, Response},
+};
 
 /// Longest request accepted; a policy batch fits easily.
 const MAX_REQUEST: usize = 16 * 1024 * 1024;
@@ -45,18 +47,18 @@ pub fn bind(path: &Path) -> io::Result<UnixListener> {
 }
 
 /// Serves requests until the task is aborted.
-pub async fn serve(listener: UnixListener, agent: Arc<Agent>) {
+pub async fn serve<H: AdminHandler>(listener: UnixListener, handler: Arc<H>) {
     loop {
         match listener.accept().await {
             Ok((stream, _)) => {
-                tokio::spawn(handle(stream, agent.clone()));
+                tokio::spawn(handle(stream, handler.clone()));
             }
             Err(e) => warn!("admin accept: {e}"),
         }
     }
 }
 
-async fn handle(stream: UnixStream, agent: Arc<Agent>) {
+async fn handle<H: AdminHandler>(stream: UnixStream, handler: Arc<H>) {
     let (read, mut write) = stream.into_split();
     let mut line = String::new();
     let mut reader = BufReader::new(read.take(MAX_REQUEST as u64));
@@ -80,7 +82,7 @@ async fn handle(stream: UnixStream, agent: Arc<Agent>) {
         }
     };
     if let Request::Watch = request {
-        let mut updates = agent.records().subscribe();
+        let mut updates = handler.watch();
         loop {
             let record = match updates.recv().await {
                 Ok(record) => record,
@@ -93,9 +95,9 @@ async fn handle(stream: UnixStream, agent: Arc<Agent>) {
             }
         }
     }
-    let response = match agent.handle(request).await {
+    let response = match handler.answer(request).await {
         Ok(body) => Response::Ok(body),
-        Err(message) => Response::Error(message),
+        Err(e) => Response::Error(e.to_string()),
     };
     let _ = send(&mut write, &response).await;
 }

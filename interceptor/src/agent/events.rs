@@ -9,60 +9,43 @@ use std::{
     time::{Duration, SystemTime},
 };
 
-use aya::maps::{MapData, RingBuf};
 use interceptor_common::{
     EVENT_PLAINTEXT_CLOSE, EVENT_PLAINTEXT_OPEN, EVENT_STRICT_DROP, KernelEvent,
 };
-use tokio::io::unix::AsyncFd;
 use tracing::warn;
 
 use super::Agent;
-use crate::records::{Connection, Direction, Security, Verdict};
+use crate::{
+    ebpf::EventReader,
+    records::{Connection, Direction, Security, Verdict},
+};
 
 /// How many open plaintext connections to track before pruning ones whose records are gone.
 const MAX_TRACKED_PLAINTEXT: usize = 65_536;
 
-/// Reads the ring buffer until the task is aborted.
-pub(super) async fn serve(events: RingBuf<MapData>, agent: Arc<Agent>) {
-    // SAFETY: the ring buffer owns its fd and lives inside the AsyncFd until the task ends.
-    let mut events = match unsafe { AsyncFd::register(events) } {
-        Ok(fd) => fd,
-        Err(e) => {
-            warn!("kernel events unavailable: {e}");
-            return;
-        }
-    };
+/// Records kernel events until the ring buffer fails (the task is aborted at shutdown).
+pub(super) async fn serve(events: EventReader, agent: Arc<Agent>) {
     let mut open_plaintext: HashMap<u64, u64> = HashMap::new();
+    let mut stream = match events.start() {
+        Ok(stream) => stream,
+        Err(e) => return warn!("kernel events unavailable: {e}"),
+    };
     loop {
-        let batch = drain(events.get_mut());
-        for event in batch {
-            record(&agent, &event, &mut open_plaintext).await;
-        }
-        match events.readable_mut().await {
-            Ok(mut guard) => guard.clear_ready(),
-            Err(e) => {
-                warn!("kernel events: {e}");
-                return;
+        match stream.next_batch().await {
+            Ok(batch) => {
+                for event in batch {
+                    record(&agent, &event, &mut open_plaintext).await;
+                }
             }
+            Err(e) => return warn!("kernel events: {e}"),
         }
     }
-}
-
-fn drain(ring: &mut RingBuf<MapData>) -> Vec<KernelEvent> {
-    let mut batch = Vec::new();
-    while let Some(item) = ring.next() {
-        if item.len() >= std::mem::size_of::<KernelEvent>() {
-            // SAFETY: the kernel wrote a KernelEvent; read_unaligned copes with any alignment.
-            batch.push(unsafe { std::ptr::read_unaligned(item.as_ptr().cast::<KernelEvent>()) });
-        }
-    }
-    batch
 }
 
 async fn record(agent: &Agent, event: &KernelEvent, open_plaintext: &mut HashMap<u64, u64>) {
     let local = Ipv4Addr::from(u32::from_be(event.local_ip4));
     let remote = Ipv4Addr::from(u32::from_be(event.remote_ip4));
-    let Some((spec, identity)) = agent.workload_at(local).await else {
+    let Some(workload) = agent.local.at(local) else {
         return;
     };
     // The decision the kernel applied, by the number it read with the mode; not today's
@@ -74,8 +57,8 @@ async fn record(agent: &Agent, event: &KernelEvent, open_plaintext: &mut HashMap
         source_identity: None,
         source_workload: None,
         destination: SocketAddr::V4(SocketAddrV4::new(local, event.local_port)),
-        destination_identity: Some(identity),
-        destination_workload: Some(spec.key()),
+        destination_identity: Some(workload.identity),
+        destination_workload: Some(workload.key),
         security: Security::Plaintext,
     };
     let records = agent.records();

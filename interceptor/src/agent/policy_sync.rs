@@ -8,7 +8,7 @@
 
 use std::{
     path::{Path, PathBuf},
-    sync::{Arc, Mutex, MutexGuard, PoisonError},
+    sync::{Arc, Mutex},
     time::{Duration, SystemTime},
 };
 
@@ -16,12 +16,14 @@ use interceptor_common::{MAX_DECISION, inbound_value};
 use serde::{Serialize, de::DeserializeOwned};
 use tracing::{info, warn};
 
-use super::{Agent, AgentConfig};
+use super::{Agent, AgentError};
+use crate::config::AgentConfig;
 use crate::{
     policy::{
         self, Decision, DecisionBook, EffectivePolicy, Mode, PeerAuthentication, PolicyError,
         PolicyReport, PolicySet, PolicySources, SavedSources, WorkloadRef,
     },
+    sync::lock,
     workloads::WorkloadSpec,
 };
 
@@ -82,9 +84,7 @@ impl PolicyState {
             dir_fingerprint,
         };
         // The ages given to the directory's policies just now must outlive this run.
-        state
-            .save_sources(&state.sources)
-            .map_err(anyhow::Error::msg)?;
+        state.save_sources(&state.sources)?;
         Ok(Arc::new(Mutex::new(state)))
     }
 
@@ -92,15 +92,15 @@ impl PolicyState {
     fn change(
         &mut self,
         edit: impl FnOnce(&mut PolicySources) -> Result<(), PolicyError>,
-    ) -> Result<(), String> {
+    ) -> Result<(), AgentError> {
         let mut next = self.sources.clone();
-        edit(&mut next).map_err(|e| e.to_string())?;
+        edit(&mut next)?;
         self.save_sources(&next)?;
         self.sources = next;
         Ok(())
     }
 
-    fn save_sources(&self, sources: &PolicySources) -> Result<(), String> {
+    fn save_sources(&self, sources: &PolicySources) -> Result<(), AgentError> {
         save_json(&self.state_dir.join(SOURCES_FILE), &sources.saved())
     }
 
@@ -128,11 +128,6 @@ impl PolicyState {
         };
         inbound_value(mode, number)
     }
-}
-
-/// The policy state, also after a panic elsewhere: every change to it is all-or-nothing.
-pub(super) fn lock(state: &SharedPolicy) -> MutexGuard<'_, PolicyState> {
-    state.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 impl Agent {
@@ -168,18 +163,17 @@ impl Agent {
     pub async fn apply_policies(
         &self,
         batch: Vec<PeerAuthentication>,
-    ) -> Result<PolicyReport, String> {
+    ) -> Result<PolicyReport, AgentError> {
         self.change_policy(move |sources| sources.apply(batch))
             .await?;
         Ok(self.policy_report().await)
     }
 
     /// Deletes a policy by namespace and name.
-    pub async fn delete_policy(&self, namespace: &str, name: &str) -> Result<(), String> {
+    pub async fn delete_policy(&self, namespace: &str, name: &str) -> Result<(), AgentError> {
         let (namespace, name) = (namespace.to_owned(), name.to_owned());
         self.change_policy(move |sources| sources.delete(&namespace, &name))
             .await
-            .map_err(|e| format!("{e}; `interceptor policy list` shows the active ones"))
     }
 
     /// Runs a change on the blocking pool (checking a batch and saving are not for the
@@ -187,11 +181,14 @@ impl Agent {
     async fn change_policy(
         &self,
         edit: impl FnOnce(&mut PolicySources) -> Result<(), PolicyError> + Send + 'static,
-    ) -> Result<(), String> {
+    ) -> Result<(), AgentError> {
         let state = self.policy.clone();
         tokio::task::spawn_blocking(move || lock(&state).change(edit))
             .await
-            .map_err(|e| format!("policy change failed: {e}"))??;
+            .map_err(|source| AgentError::Task {
+                what: "the policy change",
+                source,
+            })??;
         self.sync_kernel().await;
         Ok(())
     }
@@ -218,7 +215,7 @@ impl Agent {
             .values()
             .map(|running| (running, self.kernel_modes(&running.spec)))
             .collect();
-        let mut kernel = self.kernel.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut kernel = lock(&self.kernel);
         for (running, modes) in modes {
             if let Err(e) = kernel.replace_inbound_modes(running.ip, &modes) {
                 warn!(workload = %running.spec.key(), "updating kernel modes: {e}");
@@ -264,7 +261,7 @@ fn agent_dir(agent: &Agent) -> String {
 enum Reload {
     Unchanged,
     Done,
-    Refused(String),
+    Refused(AgentError),
 }
 
 /// Reads and applies the directory if it changed. Parsing happens without the policy lock.
@@ -277,7 +274,7 @@ fn reload(state: &SharedPolicy, dir: &Path) -> Reload {
     let mut state = lock(state);
     state.dir_fingerprint = now;
     let changed = loaded
-        .map_err(|e| e.to_string())
+        .map_err(AgentError::from)
         .and_then(|files| state.change(|sources| sources.set_files(files)));
     match changed {
         Ok(()) => Reload::Done,
@@ -312,11 +309,12 @@ fn read_json<T: DeserializeOwned>(path: &Path) -> anyhow::Result<Option<T>> {
 }
 
 /// Writes a file of `--state-dir` whole or not at all (temporary file, then rename).
-fn save_json(path: &Path, value: &impl Serialize) -> Result<(), String> {
-    let tmp = path.with_extension("tmp");
+fn save_json(path: &Path, value: &impl Serialize) -> Result<(), AgentError> {
     serde_json::to_vec_pretty(value)
         .map_err(std::io::Error::other)
-        .and_then(|bytes| std::fs::write(&tmp, bytes))
-        .and_then(|()| std::fs::rename(&tmp, path))
-        .map_err(|e| format!("saving {}: {e}", path.display()))
+        .and_then(|bytes| crate::fsutil::write_atomically(path, &bytes))
+        .map_err(|source| AgentError::Save {
+            path: path.to_owned(),
+            source,
+        })
 }

@@ -10,15 +10,16 @@ use std::{
 use tokio::task::JoinHandle;
 use tracing::{info, warn};
 
-use super::Agent;
+use super::{Agent, AgentError};
 use crate::{
     delivery,
     identity::Identity,
     mesh::MeshPeer,
     netns::PodNetns,
     proxy::{self, PodProxy},
+    sync::lock,
     tls,
-    workloads::{WorkloadInfo, WorkloadKey, WorkloadSpec},
+    workloads::{Enrolment, LocalWorkload, WorkloadInfo, WorkloadKey, WorkloadSpec},
 };
 
 /// A workload the agent serves.
@@ -57,16 +58,34 @@ impl RunningWorkload {
     }
 }
 
+/// The CLI (through the admin socket) enrolls through this; the Kubernetes source will too.
+impl Enrolment for Agent {
+    type Error = AgentError;
+
+    fn enroll(
+        &self,
+        spec: WorkloadSpec,
+    ) -> impl Future<Output = Result<WorkloadInfo, AgentError>> + Send {
+        self.add_workload(spec)
+    }
+
+    async fn remove(&self, key: WorkloadKey) -> Result<(), AgentError> {
+        self.remove_workload(&key).await
+    }
+
+    fn enrolled(&self) -> impl Future<Output = Vec<WorkloadInfo>> + Send {
+        self.list_workloads()
+    }
+}
+
 impl Agent {
     /// Enrolls a pod: listeners in its namespace, certificate, capture, policy, directory.
-    pub async fn add_workload(&self, spec: WorkloadSpec) -> Result<WorkloadInfo, String> {
+    async fn add_workload(&self, spec: WorkloadSpec) -> Result<WorkloadInfo, AgentError> {
         spec.validate()?;
         let mut workloads = self.workloads.lock().await;
         let key = spec.key();
         if workloads.contains_key(&key) {
-            return Err(format!(
-                "workload {key} is already enrolled; remove it first"
-            ));
+            return Err(AgentError::AlreadyEnrolled(key));
         }
         self.check_cgroup(&spec.cgroup)?;
         let running = self.start_workload(spec)?;
@@ -78,11 +97,11 @@ impl Agent {
     }
 
     /// Removes a pod: capture, door, listeners and directory entry.
-    pub async fn remove_workload(&self, key: &WorkloadKey) -> Result<(), String> {
+    async fn remove_workload(&self, key: &WorkloadKey) -> Result<(), AgentError> {
         let mut workloads = self.workloads.lock().await;
         let running = workloads
             .remove(key)
-            .ok_or_else(|| format!("workload {key} is not enrolled on this node"))?;
+            .ok_or_else(|| AgentError::NotEnrolled(key.clone()))?;
         self.stop_workload(&running);
         self.save_workloads(&workloads);
         info!(workload = %key, "removed");
@@ -90,7 +109,7 @@ impl Agent {
     }
 
     /// Enrolled workloads.
-    pub async fn list_workloads(&self) -> Vec<WorkloadInfo> {
+    async fn list_workloads(&self) -> Vec<WorkloadInfo> {
         self.workloads
             .lock()
             .await
@@ -124,37 +143,44 @@ impl Agent {
         }
         let cookies: Vec<u64> = workloads.values().map(|w| w.netns.cookie()).collect();
         let ips: Vec<Ipv4Addr> = workloads.values().map(|w| w.ip).collect();
-        match self.kernel.lock() {
-            Ok(mut kernel) => {
-                if let Err(e) = kernel.retain_pods(&cookies, &ips) {
-                    warn!("forgetting pods that were not restored: {e}");
-                }
-            }
-            Err(_) => warn!("kernel lock poisoned"),
+        if let Err(e) = lock(&self.kernel).retain_pods(&cookies, &ips) {
+            warn!("forgetting pods that were not restored: {e}");
         }
         self.save_workloads(&workloads);
     }
 
-    fn start_workload(&self, spec: WorkloadSpec) -> Result<RunningWorkload, String> {
+    fn start_workload(&self, spec: WorkloadSpec) -> Result<RunningWorkload, AgentError> {
         let key = spec.key();
-        let netns = Arc::new(PodNetns::open(&spec.netns).map_err(|e| e.to_string())?);
-        let ip = netns
-            .pod_ip()
-            .map_err(|e| format!("finding the address of {key}: {e}"))?;
+        let netns_error = |source| AgentError::Netns {
+            key: key.clone(),
+            source,
+        };
+        let netns = Arc::new(PodNetns::open(&spec.netns).map_err(netns_error)?);
+        let ip = netns.pod_ip().map_err(netns_error)?;
+        let identity_error = |source| AgentError::Identity {
+            key: key.clone(),
+            source: Box::new(source),
+        };
         let identity = Identity::new(
             self.ca.trust_domain(),
             &spec.namespace,
             &spec.service_account,
         )
-        .map_err(|e| e.to_string())?;
+        .map_err(identity_error)?;
         let cert = self
             .ca
             .issue(&identity, self.config.cert_lifetime)
-            .map_err(|e| format!("issuing a certificate for {identity}: {e}"))?;
-        let pod_tls =
-            Arc::new(tls::PodTls::new(self.ca.trust_bundle(), &cert).map_err(|e| e.to_string())?);
-        delivery::prepare(&netns)
-            .map_err(|e| format!("preparing {key}'s network namespace for deliveries: {e}"))?;
+            .map_err(identity_error)?;
+        let pod_tls = Arc::new(tls::PodTls::new(self.ca.trust_bundle(), &cert).map_err(
+            |source| AgentError::Tls {
+                key: key.clone(),
+                source: Box::new(source),
+            },
+        )?);
+        delivery::prepare(&netns).map_err(|source| AgentError::Delivery {
+            key: key.clone(),
+            source: Box::new(source),
+        })?;
         let pod = Arc::new(PodProxy {
             workload: key.clone(),
             identity: identity.clone(),
@@ -162,9 +188,11 @@ impl Agent {
             netns: netns.clone(),
             tls: pod_tls.clone(),
         });
-        let tasks = proxy::start(pod, self.shared.clone()).map_err(|e| {
-            format!("opening the agent's listeners in {key}'s network namespace: {e}")
-        })?;
+        let tasks =
+            proxy::start(pod, self.shared.clone()).map_err(|source| AgentError::Listeners {
+                key: key.clone(),
+                source,
+            })?;
         let running = RunningWorkload {
             spec,
             ip,
@@ -181,11 +209,14 @@ impl Agent {
                 ip,
                 MeshPeer {
                     identity: running.identity.clone(),
-                    workload: key,
+                    workload: key.clone(),
                     node: self.config.node_name.clone(),
                 },
             )
-            .map_err(|e| format!("announcing to the mesh: {e}"))?;
+            .map_err(|source| AgentError::Mesh {
+                key,
+                source: Box::new(source),
+            })?;
         Ok(running)
     }
 
@@ -207,11 +238,8 @@ impl Agent {
                 .issue(&running.identity, self.config.cert_lifetime)
                 .map_err(|e| e.to_string())
                 .and_then(|cert| {
-                    running
-                        .tls
-                        .renew(self.ca.trust_bundle(), &cert)
-                        .map_err(|e| e.to_string())?;
-                    Ok(cert.not_after)
+                    let renewed = running.tls.renew(self.ca.trust_bundle(), &cert);
+                    renewed.map(|()| cert.not_after).map_err(|e| e.to_string())
                 });
             match renewed {
                 Ok(not_after) => {
@@ -223,19 +251,19 @@ impl Agent {
         }
     }
 
-    fn program_kernel(&self, running: &RunningWorkload) -> Result<(), String> {
+    fn program_kernel(&self, running: &RunningWorkload) -> Result<(), AgentError> {
         let modes = self.kernel_modes(&running.spec);
-        let mut kernel = self.kernel.lock().map_err(|_| "kernel lock poisoned")?;
+        let mut kernel = lock(&self.kernel);
         let result = kernel
             .enroll(running.netns.cookie(), running.netns.path())
             .and_then(|()| kernel.replace_inbound_modes(running.ip, &modes));
         if let Err(e) = result {
             let _ = kernel.unenroll(running.netns.cookie());
             let _ = kernel.replace_inbound_modes(running.ip, &[]);
-            return Err(format!(
-                "programming the kernel for {}: {e}",
-                running.spec.key()
-            ));
+            return Err(AgentError::Kernel {
+                key: running.spec.key(),
+                source: Box::new(e),
+            });
         }
         Ok(())
     }
@@ -250,30 +278,30 @@ impl Agent {
         if let Err(e) = self.shared.mesh.withdraw(running.ip) {
             warn!("withdrawing {} from the mesh: {e}", running.ip);
         }
-        if let Ok(mut kernel) = self.kernel.lock() {
-            if let Err(e) = kernel.unenroll(running.netns.cookie()) {
-                warn!("unenrolling {}: {e}", running.spec.key());
-            }
-            if let Err(e) = kernel.replace_inbound_modes(running.ip, &[]) {
-                warn!("clearing modes of {}: {e}", running.spec.key());
-            }
+        let mut kernel = lock(&self.kernel);
+        if let Err(e) = kernel.unenroll(running.netns.cookie()) {
+            warn!("unenrolling {}: {e}", running.spec.key());
+        }
+        if let Err(e) = kernel.replace_inbound_modes(running.ip, &[]) {
+            warn!("clearing modes of {}: {e}", running.spec.key());
         }
     }
 
     /// The cgroup must be under the node's pods cgroup, where capture is attached.
-    fn check_cgroup(&self, cgroup: &Path) -> Result<(), String> {
-        let canonical = |path: &Path| -> Result<PathBuf, String> {
-            path.canonicalize()
-                .map_err(|e| format!("cgroup {}: {e}", path.display()))
+    fn check_cgroup(&self, cgroup: &Path) -> Result<(), AgentError> {
+        let canonical = |path: &Path| {
+            path.canonicalize().map_err(|source| AgentError::Cgroup {
+                path: path.to_owned(),
+                source,
+            })
         };
         let pods = canonical(&self.config.pods_cgroup)?;
         let pod = canonical(cgroup)?;
         if pod == pods || !pod.starts_with(&pods) {
-            return Err(format!(
-                "cgroup {} is not inside the node's pods cgroup {}; its connections would not be captured",
-                cgroup.display(),
-                pods.display()
-            ));
+            return Err(AgentError::OutsidePodsCgroup {
+                cgroup: cgroup.to_owned(),
+                pods,
+            });
         }
         Ok(())
     }
@@ -282,7 +310,15 @@ impl Agent {
         self.config.state_dir.join("workloads.json")
     }
 
+    /// Saves the enrolled workloads for a restarted agent and refreshes the by-address view.
     fn save_workloads(&self, workloads: &std::collections::BTreeMap<WorkloadKey, RunningWorkload>) {
+        self.local.replace(workloads.iter().map(|(key, running)| {
+            let local = LocalWorkload {
+                key: key.clone(),
+                identity: running.identity.to_string(),
+            };
+            (running.ip, local)
+        }));
         let specs: Vec<&WorkloadSpec> = workloads.values().map(|w| &w.spec).collect();
         let path = self.workloads_file();
         let written = serde_json::to_vec_pretty(&specs)

@@ -9,11 +9,7 @@ use clap::Args;
 use tracing::{info, warn};
 use tracing_subscriber::EnvFilter;
 
-use crate::{
-    agent::{Agent, AgentConfig},
-    limits,
-    proxy::admission::TunnelLimits,
-};
+use crate::{config::AgentConfig, limits, proxy::admission::TunnelLimits};
 
 /// Run the node agent.
 ///
@@ -108,7 +104,7 @@ pub fn run(args: AgentArgs) -> anyhow::Result<()> {
         .enable_all()
         .build()
         .context("starting the async runtime")?
-        .block_on(Agent::run(config))
+        .block_on(crate::app::run(config))
 }
 
 /// Raises the soft open-file limit to the hard one and says so; warns when it stays low.

@@ -6,9 +6,12 @@ use clap::{Args, ValueEnum};
 
 use super::AdminSocket;
 use crate::{
-    admin::{client, protocol::Request},
+    admin::{
+        client,
+        protocol::{Request, StatusReport},
+    },
     records::{ConnectionRecord, Security, Verdict, unix_ms},
-    status::{StatusReport, render},
+    status::render,
 };
 
 /// Show what the mesh did on this node: per workload, connections over mutual TLS, in

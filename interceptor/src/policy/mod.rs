@@ -237,7 +237,7 @@ pub enum PolicyError {
         message: String,
     },
     /// A policy to delete is not there.
-    #[error("PeerAuthentication {0} not found")]
+    #[error("PeerAuthentication {0} not found; `interceptor policy list` shows the active ones")]
     NotFound(PolicyRef),
     /// Errors left out of a long report.
     #[error("... and {0} more errors; fix the ones above first")]

@@ -2,7 +2,7 @@
 
 use std::fmt::Write;
 
-use super::StatusReport;
+use crate::admin::protocol::StatusReport;
 use crate::records::{ConnectionRecord, Direction, Security, Verdict};
 
 const GREEN: &str = "\x1b[32m";

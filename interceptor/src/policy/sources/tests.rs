@@ -224,5 +224,8 @@ fn delete_removes_from_every_source_or_reports_not_found() {
     sources.delete("foo", "a").unwrap();
     assert_eq!(names(&sources), ["bar/a"]);
     let error = sources.delete("foo", "a").unwrap_err();
-    assert_eq!(error.to_string(), "PeerAuthentication foo/a not found");
+    assert_eq!(
+        error.to_string(),
+        "PeerAuthentication foo/a not found; `interceptor policy list` shows the active ones"
+    );
 }

@@ -1,0 +1,110 @@
+//! The composition root: builds the agent's parts once and hands each server only the
+//! handles it needs.
+//!
+//! ```text
+//!                 ┌──────────── Agent (workloads, policy, kernel enrolment) ◄── admin socket
+//! Kernel::load ───┤ OriginalDsts ──► proxies          (AdminHandler)
+//!                 ├ CounterReader ─► metrics, status
+//!                 └ EventReader ───► kernel-event task (records)
+//! MeshDirectory ──► Mesh (view + source) ──► proxies, enrolment, refresh task
+//! RecordStore ────► proxies, kernel events, metrics, admin `watch`
+//! ```
+//!
+//! No server imports the agent: the admin server serves any [`admin::AdminHandler`], the metrics port
+//! reads [`MetricsSources`], the proxies read [`ProxyShared`].
+
+use std::{sync::Arc, time::Duration};
+
+use anyhow::Context;
+use tracing::{info, warn};
+
+use crate::{
+    admin,
+    agent::Agent,
+    config::AgentConfig,
+    directory::MeshDirectory,
+    ebpf::{Kernel, LoadedKernel},
+    identity::Ca,
+    limits::FdReserve,
+    mesh::Mesh,
+    metrics::{self, MetricsSources},
+    proxy::{ProxyShared, admission::Admission},
+    records::RecordStore,
+};
+
+/// How often the mesh view is re-read whole, to see other nodes' withdrawals and changes
+/// (additions are confirmed at first use).
+const MESH_REFRESH: Duration = Duration::from_secs(1);
+
+/// Loads the kernel programs, builds the agent, restores saved workloads and serves until
+/// SIGTERM or SIGINT; kernel enforcement stays pinned after it returns.
+pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
+    let ca = Ca::load(&config.ca_dir).context("loading the mesh CA (--ca-dir)")?;
+    let LoadedKernel {
+        kernel,
+        original_dsts,
+        counters,
+        events,
+    } = Kernel::load(&config.bpf_dir, &config.pods_cgroup).with_context(|| {
+        format!(
+            "attaching to the pods cgroup {}",
+            config.pods_cgroup.display()
+        )
+    })?;
+    let counters = Arc::new(counters);
+    let records = Arc::new(RecordStore::new(config.record_capacity));
+    let directory = MeshDirectory::open(&config.mesh_dir).context("--mesh-dir")?;
+    let mesh = Arc::new(Mesh::new(Arc::new(directory)));
+    let admission = Admission::new(config.tunnel_limits);
+    let shared = Arc::new(ProxyShared {
+        original_dsts,
+        mesh: mesh.clone(),
+        records: records.clone(),
+        admission: admission.clone(),
+        fd_reserve: FdReserve::new().context("opening the reserve descriptor")?,
+    });
+    let admin_socket = config.admin_socket.clone();
+    let metrics_addr = config.metrics_addr;
+    let node = config.node_name.clone();
+    let agent = Arc::new(Agent::new(config, ca, kernel, counters.clone(), shared)?);
+
+    let admin_listener = admin::server::bind(&admin_socket)
+        .with_context(|| format!("admin socket {}", admin_socket.display()))?;
+    let mut tasks = agent.start(events).await;
+    tasks.push(tokio::spawn(mesh.refresh(MESH_REFRESH)));
+    if let Some(addr) = metrics_addr {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("metrics address {addr} (--metrics-addr)"))?;
+        let sources = Arc::new(MetricsSources {
+            records,
+            counters,
+            admission,
+        });
+        tasks.push(tokio::spawn(metrics::serve(listener, sources)));
+    }
+    info!(node = %node, socket = %admin_socket.display(), "agent ready");
+    tokio::select! {
+        _ = admin::server::serve(admin_listener, agent) => {}
+        _ = shutdown_signal() => info!("shutting down; kernel enforcement stays pinned"),
+    }
+    for task in tasks {
+        task.abort();
+    }
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        warn!("cannot install signal handlers");
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+}
