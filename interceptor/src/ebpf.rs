@@ -180,7 +180,7 @@ impl OriginalDsts {
             port,
             _pad: [0; 6],
         };
-        let mut map = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        let mut map = crate::sync::lock(&self.map);
         let dst = map.get(&key, 0).ok()?;
         let _ = map.remove(&key);
         Some(SocketAddrV4::new(
@@ -361,18 +361,17 @@ impl Kernel {
         Ok(())
     }
 
-    /// Makes the inbound modes of a pod address exactly `modes` (port 0 is the default; each
-    /// value an `interceptor_common::inbound_value`: mode and decision number).
+    /// Makes the door rules of a pod address exactly `modes` (port 0 is the default).
     /// New entries are written before stale ones are removed, so no SYN ever finds a pod
     /// without its mode.
     pub fn replace_inbound_modes(
         &mut self,
         ip: Ipv4Addr,
-        modes: &[(u16, u32)],
+        modes: &[DoorRule],
     ) -> Result<(), EbpfError> {
-        for &(port, mode) in modes {
+        for rule in modes {
             self.inbound_mode
-                .insert(inbound_key(ip, port), mode, 0)
+                .insert(inbound_key(ip, rule.port), rule.value(), 0)
                 .map_err(|source| EbpfError::Map {
                     name: "INBOUND_MODE",
                     source,
@@ -383,7 +382,7 @@ impl Kernel {
             .keys()
             .filter_map(Result::ok)
             .filter(|key| key.ip4 == u32::from(ip).to_be())
-            .filter(|key| !modes.iter().any(|&(port, _)| port == key.port))
+            .filter(|key| !modes.iter().any(|rule| rule.port == key.port))
             .collect();
         for key in stale {
             ignore_missing(self.inbound_mode.remove(&key)).map_err(|source| EbpfError::Map {
@@ -392,6 +391,46 @@ impl Kernel {
             })?;
         }
         Ok(())
+    }
+}
+
+/// What the pod's door does with a plaintext SYN.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DoorMode {
+    /// Refuse it (STRICT).
+    Refuse,
+    /// Let it in and record it as plaintext (PERMISSIVE).
+    Permit,
+    /// Let it in; mutual TLS is off for the port (DISABLE).
+    Disabled,
+}
+
+/// One entry of a pod's door: for `port` (0: every port without its own entry), the mode and
+/// the number of the policy decision behind it, which the kernel copies into its events.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DoorRule {
+    /// The pod's port; 0 is the pod's default.
+    pub port: u16,
+    /// What the door does.
+    pub mode: DoorMode,
+    /// The decision number (`interceptor_common::MAX_DECISION` at most; 0 for unknown).
+    pub decision: u32,
+}
+
+impl DoorRule {
+    /// The map value the kernel programs read.
+    fn value(self) -> u32 {
+        let mode = match self.mode {
+            DoorMode::Refuse => interceptor_common::MODE_STRICT,
+            DoorMode::Permit => interceptor_common::MODE_PERMISSIVE,
+            DoorMode::Disabled => interceptor_common::MODE_DISABLE,
+        };
+        let decision = if self.decision > interceptor_common::MAX_DECISION {
+            0
+        } else {
+            self.decision
+        };
+        interceptor_common::inbound_value(mode, decision)
     }
 }
 

@@ -1,6 +1,11 @@
 //! interceptor: sidecar-less mutual TLS for Kubernetes pods.
 //!
 //! See ARCHITECTURE.md for the map of modules, ports and kernel programs.
+//!
+//! `unsafe` is denied except in the kernel-facing modules: the eBPF maps and events
+//! ([`ebpf`]), network namespaces ([`netns`]), the delivery sockets and routing netlink
+//! ([`delivery`]) and the descriptor limits ([`limits`]).
+#![deny(unsafe_code)]
 
 pub mod admin;
 pub mod agent;
@@ -8,14 +13,18 @@ pub mod app;
 pub mod cgroup;
 pub mod cli;
 pub mod config;
+#[allow(unsafe_code)]
 pub mod delivery;
 pub mod directory;
+#[allow(unsafe_code)]
 pub mod ebpf;
 pub mod fsutil;
 pub mod identity;
+#[allow(unsafe_code)]
 pub mod limits;
 pub mod mesh;
 pub mod metrics;
+#[allow(unsafe_code)]
 pub mod netns;
 pub mod policy;
 pub mod proxy;

@@ -111,7 +111,7 @@ impl FdReserve {
     /// spare back. Returns the caller's address; `None` when the spare is in use by another
     /// listener or was not available (the caller should back off briefly and retry).
     pub fn reset_one(&self, listener: &impl AsRawFd) -> Option<io::Result<SocketAddr>> {
-        let mut spare = self.spare.lock().unwrap_or_else(|p| p.into_inner());
+        let mut spare = crate::sync::lock(&self.spare);
         // Closing the spare frees one descriptor for the accept below. A spare lost earlier
         // (no descriptor was free to take it back) is tried again first.
         drop(spare.take().or_else(|| open_spare().ok())?);

@@ -86,12 +86,12 @@ impl MeshView {
 
     /// Replaces the whole view.
     pub fn replace(&self, entries: HashMap<Ipv4Addr, Membership>) {
-        *self.entries.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(entries);
+        *crate::sync::write(&self.entries) = Arc::new(entries);
     }
 
     /// Sets or clears (on `Outside`) one address.
     pub fn set(&self, ip: Ipv4Addr, membership: Membership) {
-        let mut entries = self.entries.write().unwrap_or_else(|p| p.into_inner());
+        let mut entries = crate::sync::write(&self.entries);
         let mut updated = HashMap::clone(&entries);
         match membership {
             Membership::Outside => updated.remove(&ip),
@@ -101,7 +101,7 @@ impl MeshView {
     }
 
     fn current(&self) -> Arc<HashMap<Ipv4Addr, Membership>> {
-        Arc::clone(&self.entries.read().unwrap_or_else(|p| p.into_inner()))
+        Arc::clone(&crate::sync::read(&self.entries))
     }
 }
 

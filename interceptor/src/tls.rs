@@ -236,18 +236,18 @@ impl PodTls {
     /// Presents `cert` from the next connection on, with fresh session state.
     pub fn renew(&self, bundle: &TrustBundle, cert: &WorkloadCert) -> Result<(), TlsError> {
         let configs = Self::build(bundle, cert)?;
-        *self.configs.write().unwrap_or_else(|p| p.into_inner()) = configs;
+        *crate::sync::write(&self.configs) = configs;
         Ok(())
     }
 
     /// The client configuration for a new outbound connection.
     pub fn client(&self) -> Arc<ClientConfig> {
-        Arc::clone(&self.configs.read().unwrap_or_else(|p| p.into_inner()).0)
+        Arc::clone(&crate::sync::read(&self.configs).0)
     }
 
     /// The server configuration for a new inbound connection.
     pub fn server(&self) -> Arc<ServerConfig> {
-        Arc::clone(&self.configs.read().unwrap_or_else(|p| p.into_inner()).1)
+        Arc::clone(&crate::sync::read(&self.configs).1)
     }
 
     fn build(

@@ -109,6 +109,7 @@ async fn send(write: &mut tokio::net::unix::OwnedWriteHalf, response: &Response)
 }
 
 #[cfg(test)]
+#[allow(unsafe_code)] // inotify, to see that the socket's mode never changes after bind
 mod tests {
     use std::{ffi::CString, os::unix::ffi::OsStrExt, os::unix::fs::PermissionsExt};
 

@@ -12,13 +12,13 @@ use std::{
     time::{Duration, SystemTime},
 };
 
-use interceptor_common::{MAX_DECISION, inbound_value};
 use serde::{Serialize, de::DeserializeOwned};
 use tracing::{info, warn};
 
 use super::{Agent, AgentError};
 use crate::config::AgentConfig;
 use crate::{
+    ebpf::{DoorMode, DoorRule},
     policy::{
         self, Decision, DecisionBook, EffectivePolicy, Mode, PeerAuthentication, PolicyError,
         PolicyReport, PolicySet, PolicySources, SavedSources, WorkloadRef,
@@ -104,10 +104,10 @@ impl PolicyState {
         save_json(&self.state_dir.join(SOURCES_FILE), &sources.saved())
     }
 
-    /// The kernel's value for a decision: its mode and its number. The book is saved before
-    /// a new number is handed out for the kernel, so every number the kernel holds can be
-    /// read back, also by a restarted agent.
-    fn kernel_value(&mut self, decision: &Decision) -> u32 {
+    /// The door rule for `port` under a decision: its mode and its number. The book is saved
+    /// before a new number is handed out for the kernel, so every number the kernel holds can
+    /// be read back, also by a restarted agent.
+    fn door_rule(&mut self, port: u16, decision: &Decision) -> DoorRule {
         let mut number = self.book.number(decision);
         if number as usize > self.book_saved {
             match save_json(&self.state_dir.join(DECISIONS_FILE), &self.book) {
@@ -118,15 +118,16 @@ impl PolicyState {
                 }
             }
         }
-        if number > MAX_DECISION {
-            number = 0;
-        }
         let mode = match decision.mode {
-            Mode::Disable => interceptor_common::MODE_DISABLE,
-            Mode::Strict => interceptor_common::MODE_STRICT,
-            Mode::Permissive | Mode::Unset => interceptor_common::MODE_PERMISSIVE,
+            Mode::Disable => DoorMode::Disabled,
+            Mode::Strict => DoorMode::Refuse,
+            Mode::Permissive | Mode::Unset => DoorMode::Permit,
         };
-        inbound_value(mode, number)
+        DoorRule {
+            port,
+            mode,
+            decision: number,
+        }
     }
 }
 
@@ -144,13 +145,13 @@ impl Agent {
         })
     }
 
-    /// (port, kernel value) entries for a workload; port 0 is its default.
-    pub(super) fn kernel_modes(&self, spec: &WorkloadSpec) -> Vec<(u16, u32)> {
+    /// The door rules of a workload; port 0 is its default.
+    pub(super) fn kernel_modes(&self, spec: &WorkloadSpec) -> Vec<DoorRule> {
         let effective = self.effective_policy(spec);
         let mut state = lock(&self.policy);
         std::iter::once((0, &effective.default))
             .chain(effective.ports.iter().map(|(port, d)| (*port, d)))
-            .map(|(port, decision)| (port, state.kernel_value(decision)))
+            .map(|(port, decision)| state.door_rule(port, decision))
             .collect()
     }
 

@@ -20,8 +20,6 @@ pub enum TunnelStatus {
     Refused = 1,
     /// The destination could not be reached for another reason.
     Unreachable = 2,
-    /// The destination's policy refused this caller.
-    Denied = 3,
 }
 
 impl TunnelStatus {
@@ -30,7 +28,6 @@ impl TunnelStatus {
             0 => Self::Connected,
             1 => Self::Refused,
             2 => Self::Unreachable,
-            3 => Self::Denied,
             other => {
                 return Err(io::Error::new(
                     io::ErrorKind::InvalidData,
@@ -46,7 +43,6 @@ impl TunnelStatus {
             Self::Connected => "connected",
             Self::Refused => "destination refused the connection",
             Self::Unreachable => "destination unreachable from its agent",
-            Self::Denied => "denied by destination policy",
         }
     }
 }
