@@ -1,5 +1,8 @@
 //! sk_lookup in each enrolled pod's network namespace: the pod's door for plaintext.
 //!
+//! Minimum kernel: 5.17 (sk_lookup programs came in 5.9; the `ingress_ifindex` field the door
+//! rule reads, in 5.17). Tested on 6.18.
+//!
 //! Runs for every new inbound TCP connection before the listener is chosen. A SYN to a STRICT
 //! port is refused here (SK_DROP makes the kernel answer with a reset), so STRICT holds while
 //! the agent is down.

@@ -1,6 +1,9 @@
 //! sockops on the pods' cgroup: re-key redirected connects by local port, and report plaintext
 //! connections that pods accept from outside the mesh.
 //!
+//! Minimum kernel: 5.15 (`bpf_get_netns_cookie` in sockops; the ring buffer it reports
+//! through came in 5.8, `BPF_SOCK_OPS_STATE_CB` in 4.16). Tested on 6.18.
+//!
 //! The agent delivers mesh traffic to the pod's own address, so an accepted connection on
 //! that address is not by itself plaintext: the agent's deliveries carry `DELIVERY_MARK`,
 //! which the pod's accepted socket inherits (`tcp_fwmark_accept`, set by the agent in the
