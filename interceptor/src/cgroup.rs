@@ -1,10 +1,6 @@
 //! Finding the cgroup v2 hierarchy, and the agent's own place in it.
 
-use std::{
-    io,
-    os::unix::fs::MetadataExt,
-    path::PathBuf,
-};
+use std::{io, os::unix::fs::MetadataExt, path::PathBuf};
 
 /// The mount point of the cgroup v2 hierarchy, read from /proc/mounts (it is
 /// `/sys/fs/cgroup` on unified hosts and `/sys/fs/cgroup/unified` on hybrid ones).
@@ -85,8 +81,10 @@ pub fn own_cgroup() -> Result<OwnCgroup, OwnCgroupError> {
             continue;
         };
         if members.lines().any(|line| line == pid) {
-            let meta = std::fs::metadata(&dir)
-                .map_err(|source| OwnCgroupError::Read { path: dir.clone(), source })?;
+            let meta = std::fs::metadata(&dir).map_err(|source| OwnCgroupError::Read {
+                path: dir.clone(),
+                source,
+            })?;
             return Ok(OwnCgroup {
                 dir,
                 id: meta.ino(),
@@ -137,12 +135,16 @@ fn unescape_mountinfo(text: &str) -> String {
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;
     while i < bytes.len() {
-        let octal = bytes.get(i + 1..i + 4).filter(|d| {
-            bytes[i] == b'\\' && d.iter().all(|b| (b'0'..=b'7').contains(b))
-        });
+        let octal = bytes
+            .get(i + 1..i + 4)
+            .filter(|d| bytes[i] == b'\\' && d.iter().all(|b| (b'0'..=b'7').contains(b)));
         match octal {
             Some(digits) => {
-                out.push(digits.iter().fold(0u8, |v, d| v.wrapping_mul(8) + (d - b'0')));
+                out.push(
+                    digits
+                        .iter()
+                        .fold(0u8, |v, d| v.wrapping_mul(8) + (d - b'0')),
+                );
                 i += 4;
             }
             None => {

@@ -64,7 +64,7 @@ pub enum EbpfError {
         message: String,
     },
     /// The agent's own cgroup, which capture must leave alone, could not be found.
-    #[error("finding the agent's own cgroup, whose connects capture must leave alone: {0}")]
+    #[error("finding the agent's own cgroup, whose connects capture must leave alone")]
     OwnCgroup(#[from] crate::cgroup::OwnCgroupError),
     /// A file (cgroup, netns, pin directory) could not be opened.
     #[error("{path}: {source}")]

@@ -162,13 +162,15 @@ fn an_agent_inside_the_pods_cgroup_never_captures_its_own_sockets() -> anyhow::R
             && r["security"] == "mutual_tls"
             && r["verdict"] == "allowed"
             && r["destination"] == format!("{}:{HTTP_PORT}", server.ip)
-            && r["destination_identity"] == "spiffe://cluster.local/ns/default/sa/tracker"),
+            && r["destination_identity"]
+                == "spiffe://cluster.local/ns/default/sa/tracker"),
         "no outbound mutual TLS record to the server: {node1:#?}"
     );
     ensure!(
         has(&node1, |r| r["direction"] == "outbound"
             && r["security"] == "mutual_tls"
-            && r["destination"] == format!("{}:{HTTP_PORT}", neighbour.ip))
+            && r["destination"]
+                == format!("{}:{HTTP_PORT}", neighbour.ip))
             && has(&node1, |r| r["direction"] == "inbound"
                 && r["security"] == "mutual_tls"
                 && r["source_identity"] == sleep
@@ -179,7 +181,8 @@ fn an_agent_inside_the_pods_cgroup_never_captures_its_own_sockets() -> anyhow::R
         has(&node1, |r| r["direction"] == "outbound"
             && r["security"] == "plaintext"
             && r["verdict"] == "allowed"
-            && r["destination"] == format!("{}:{HTTP_PORT}", outsider.ip)),
+            && r["destination"]
+                == format!("{}:{HTTP_PORT}", outsider.ip)),
         "no outbound plaintext record to the outsider: {node1:#?}"
     );
     let tunnels_in = node2
@@ -199,7 +202,8 @@ fn an_agent_inside_the_pods_cgroup_never_captures_its_own_sockets() -> anyhow::R
     for (node, records) in [(1, &node1), (2, &node2)] {
         ensure!(
             !has(records, |r| r["verdict"] != "allowed"
-                || (r["direction"] == "inbound" && r["security"] == "plaintext")),
+                || (r["direction"] == "inbound"
+                    && r["security"] == "plaintext")),
             "node {node} recorded a failure or inbound plaintext: {records:#?}"
         );
     }
