@@ -2,7 +2,7 @@
 
 use aya_ebpf::{
     macros::map,
-    maps::{HashMap, LruHashMap, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
 };
 use interceptor_common::{
     COUNTERS as COUNTER_SLOTS, InboundKey, KernelEvent, OriginalDst, PodPortKey,
@@ -11,6 +11,12 @@ use interceptor_common::{
 /// Network-namespace cookies of enrolled pods; only their connects are captured.
 #[map]
 pub static ENROLLED: HashMap<u64, u32> = HashMap::pinned(4096, 0);
+
+/// The cgroup v2 id of the running agent (slot 0; 0 while unknown), written by the agent at
+/// start before it makes any socket in a pod. connect4 leaves connects made from this cgroup
+/// alone: see `connect4.rs`.
+#[map]
+pub static AGENT_CGROUP: Array<u64> = Array::pinned(1, 0);
 
 /// Original destination by socket cookie, between connect4 and the TCP connect callback.
 #[map]

@@ -8,6 +8,11 @@
 //! that address is not by itself plaintext: the agent's deliveries carry `DELIVERY_MARK`,
 //! which the pod's accepted socket inherits (`tcp_fwmark_accept`, set by the agent in the
 //! pod's namespace) and which no packet from outside the namespace can carry.
+//!
+//! The agent's own listeners in the pod are not the app: `127.0.0.1:15001` is loopback, and
+//! connections accepted on `<pod ip>:15008` are mesh tunnels. This program only sees those
+//! when the agent itself runs inside the pods cgroup (a DaemonSet does; accepted sockets
+//! belong to their listener's cgroup), and must not report them as plaintext.
 
 use aya_ebpf::{
     EbpfContext,
@@ -21,7 +26,7 @@ use aya_ebpf::{
 };
 use interceptor_common::{
     COUNTER_PLAINTEXT_ACCEPTED, DELIVERY_MARK, EVENT_PLAINTEXT_CLOSE, EVENT_PLAINTEXT_OPEN,
-    InboundKey, KernelEvent, PodPortKey, decision_of,
+    InboundKey, KernelEvent, PodPortKey, TUNNEL_PORT, decision_of,
 };
 
 use crate::maps::{
@@ -70,7 +75,11 @@ fn rekey_original_dst(ctx: &SockOpsContext) {
 /// plaintext from outside the mesh, which the mode allowed.
 fn report_plaintext_open(ctx: &SockOpsContext) {
     let local_ip4 = ctx.local_ip4();
-    if is_local_only(local_ip4) || !is_enrolled_address(local_ip4) || is_delivery(ctx) {
+    if is_local_only(local_ip4)
+        || ctx.local_port() == u32::from(TUNNEL_PORT)
+        || !is_enrolled_address(local_ip4)
+        || is_delivery(ctx)
+    {
         return;
     }
     let _ = ctx.set_cb_flags(BPF_SOCK_OPS_STATE_CB_FLAG as i32);

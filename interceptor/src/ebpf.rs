@@ -3,6 +3,11 @@
 //! Maps are pinned under `<bpf_dir>/maps` and links under `<bpf_dir>/links`, so capture and
 //! STRICT enforcement keep working while the agent is down. A restarted agent reuses the pinned
 //! maps and keeps links that are already pinned.
+//!
+//! Before anything is attached, [`Kernel::load`] writes the agent's own cgroup id into
+//! `AGENT_CGROUP`, so capture never takes the agent's own sockets in pods, even when the agent
+//! runs inside the pods cgroup (a DaemonSet's pod does). A restarted agent is in a new cgroup
+//! and writes its new id before it makes any socket in a pod.
 
 use std::{
     fs::File,
@@ -14,7 +19,7 @@ use std::{
 use crate::admin::protocol::KernelCounters;
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{HashMap, MapData, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, MapData, PerCpuArray, RingBuf},
     programs::{
         CgroupAttachMode, CgroupSockAddr, SkLookup, SockOps,
         links::{FdLink, LinkError, PinnedLink},
@@ -59,6 +64,9 @@ pub enum EbpfError {
         /// Cause.
         message: String,
     },
+    /// The agent's own cgroup, which capture must leave alone, could not be found.
+    #[error("finding the agent's own cgroup, whose connects capture must leave alone")]
+    OwnCgroup(#[from] crate::cgroup::OwnCgroupError),
     /// A file (cgroup, netns, pin directory) could not be opened.
     #[error("{path}: {source}")]
     Io {
@@ -229,6 +237,7 @@ impl Kernel {
         let mut bpf = EbpfLoader::new()
             .default_map_pin_directory(&maps_dir)
             .load(EBPF_OBJECT)?;
+        set_agent_cgroup(&mut bpf)?;
         let cgroup = File::open(pods_cgroup).map_err(|source| EbpfError::Io {
             path: pods_cgroup.to_owned(),
             source,
@@ -432,6 +441,27 @@ impl DoorRule {
         };
         interceptor_common::inbound_value(mode, decision)
     }
+}
+
+/// Tells connect4 which cgroup is the agent's (see `interceptor-ebpf/src/connect4.rs`).
+fn set_agent_cgroup(bpf: &mut Ebpf) -> Result<(), EbpfError> {
+    let own = crate::cgroup::own_cgroup()?;
+    let name = "AGENT_CGROUP";
+    let err = |source| EbpfError::Map { name, source };
+    // Borrowed, not taken: the programs still to be loaded refer to the map by descriptor.
+    let map = bpf.map_mut(name).ok_or_else(|| {
+        err(aya::maps::MapError::InvalidName {
+            name: name.to_owned(),
+        })
+    })?;
+    let mut slot: Array<&mut MapData, u64> = Array::try_from(map).map_err(err)?;
+    slot.set(0, own.id, 0).map_err(err)?;
+    tracing::info!(
+        cgroup = %own.dir.display(),
+        id = own.id,
+        "capture leaves the agent's own connects alone"
+    );
+    Ok(())
 }
 
 /// Key of the inbound mode map for an address and port.

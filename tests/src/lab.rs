@@ -51,6 +51,8 @@ pub struct Node {
     pub metrics_addr: String,
     /// CA directory the agent uses.
     pub ca_dir: PathBuf,
+    /// The cgroup the agent runs in: `None` for the lab's own (outside the pods cgroup).
+    pub agent_cgroup: Option<PathBuf>,
     agent_args: Vec<String>,
     agent_nofile: Option<u64>,
     state_dir: PathBuf,
@@ -89,6 +91,9 @@ pub struct LabOptions {
     /// Start every agent with this open-file limit, soft and hard (the real kernel limit, set
     /// between fork and exec), instead of the one the lab inherited.
     pub agent_nofile: Option<u64>,
+    /// Run every agent inside its node's pods cgroup, in a child cgroup `agent` (where a
+    /// DaemonSet's agent is: its pod is under kubepods), instead of outside it.
+    pub agents_in_pods_cgroup: bool,
 }
 
 impl Default for LabOptions {
@@ -98,6 +103,7 @@ impl Default for LabOptions {
             foreign_ca_nodes: Vec::new(),
             agent_args: Vec::new(),
             agent_nofile: None,
+            agents_in_pods_cgroup: false,
         }
     }
 }
@@ -162,6 +168,9 @@ impl Lab {
             };
             self.add_node(index, &fabric, ca_dir, options.agent_args.clone())?;
             self.node_mut(index)?.agent_nofile = options.agent_nofile;
+            if options.agents_in_pods_cgroup {
+                self.set_agent_cgroup(index, "agent")?;
+            }
         }
         for node in &self.nodes {
             for other in &self.nodes {
@@ -228,6 +237,7 @@ impl Lab {
             policy_dir,
             metrics_addr: format!("{underlay_ip}:15020"),
             ca_dir,
+            agent_cgroup: None,
             agent_args,
             agent_nofile: None,
             state_dir: node_dir.join("state"),
@@ -279,7 +289,11 @@ impl Lab {
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log);
-        enter(&mut command, Some(&netns_path(&node.netns)), None)?;
+        enter(
+            &mut command,
+            Some(&netns_path(&node.netns)),
+            node.agent_cgroup.as_deref(),
+        )?;
         if let Some(limit) = node.agent_nofile {
             let limit = libc::rlimit {
                 rlim_cur: limit,
@@ -323,6 +337,17 @@ impl Lab {
             }
             std::thread::sleep(Duration::from_millis(50));
         }
+    }
+
+    /// From its next start on, a node's agent runs in the child cgroup `name` of the node's
+    /// pods cgroup (made here), as a DaemonSet's agent runs under kubepods. A new name gives
+    /// a new cgroup, as a new container of the agent's pod would get. Returns its directory.
+    pub fn set_agent_cgroup(&mut self, index: u8, name: &str) -> anyhow::Result<PathBuf> {
+        let node = self.node_mut(index)?;
+        let cgroup = node.pods_cgroup.join(name);
+        std::fs::create_dir_all(&cgroup)?;
+        node.agent_cgroup = Some(cgroup.clone());
+        Ok(cgroup)
     }
 
     /// Kills a node's agent with SIGKILL (no clean-up chance), as a crash would.
