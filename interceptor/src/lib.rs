@@ -9,6 +9,7 @@ pub mod cli;
 pub mod directory;
 pub mod ebpf;
 pub mod identity;
+pub mod kube;
 pub mod limits;
 pub mod metrics;
 pub mod netns;
