@@ -304,10 +304,16 @@ mod tests {
         let root = PodsRoot::from_dir(Path::new("/k/kubepods"));
         let candidates = root.pod_cgroup_candidates(UID, Some(QosClass::Guaranteed));
         assert_eq!(candidates.len(), 3);
-        assert_eq!(candidates[0], PathBuf::from(format!("/k/kubepods/pod{UID}")));
+        assert_eq!(
+            candidates[0],
+            PathBuf::from(format!("/k/kubepods/pod{UID}"))
+        );
         let unknown = root.pod_cgroup_candidates(UID, None);
         assert_eq!(unknown.len(), 3);
-        assert_eq!(unknown[0], PathBuf::from(format!("/k/kubepods/burstable/pod{UID}")));
+        assert_eq!(
+            unknown[0],
+            PathBuf::from(format!("/k/kubepods/burstable/pod{UID}"))
+        );
     }
 
     #[test]
@@ -373,14 +379,26 @@ mod tests {
         let kind = base.join("kubelet/kubepods");
         std::fs::create_dir_all(kind.join(format!("besteffort/pod{UID}"))).unwrap();
         let root = detect_pods_root(&base).unwrap();
-        assert_eq!(root, PodsRoot { dir: kind.clone(), driver: Driver::Cgroupfs });
+        assert_eq!(
+            root,
+            PodsRoot {
+                dir: kind.clone(),
+                driver: Driver::Cgroupfs
+            }
+        );
         assert_eq!(
             root.find_pod_cgroup(UID, None),
             Some(kind.join(format!("besteffort/pod{UID}")))
         );
-        assert_eq!(root.find_pod_cgroup("00000000-0000-0000-0000-000000000000", None), None);
+        assert_eq!(
+            root.find_pod_cgroup("00000000-0000-0000-0000-000000000000", None),
+            None
+        );
         std::fs::remove_dir_all(base.join("kubelet")).unwrap();
-        assert_eq!(detect_pods_root(&base).unwrap().dir, base.join("kubepods.slice"));
+        assert_eq!(
+            detect_pods_root(&base).unwrap().dir,
+            base.join("kubepods.slice")
+        );
         std::fs::remove_dir_all(base.join("kubepods.slice")).unwrap();
         let error = detect_pods_root(&base).unwrap_err().to_string();
         assert!(error.contains("--pods-cgroup"), "{error}");

@@ -2,9 +2,7 @@
 
 use std::path::{Path, PathBuf};
 
-use ::kube::config::{
-    InClusterError, KubeConfigOptions, Kubeconfig, KubeconfigError,
-};
+use ::kube::config::{InClusterError, KubeConfigOptions, Kubeconfig, KubeconfigError};
 
 /// Where the client's configuration comes from.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -430,7 +430,11 @@ mod tests {
             }
         );
         assert_eq!(
-            lookup(&view(vec![enrolled.clone()], true), "198.19.1.99".parse().unwrap(), "td"),
+            lookup(
+                &view(vec![enrolled.clone()], true),
+                "198.19.1.99".parse().unwrap(),
+                "td"
+            ),
             MeshLookup::NotMeshed
         );
         assert!(matches!(

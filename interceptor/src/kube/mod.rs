@@ -33,7 +33,7 @@ pub use objects::{
     ServicePortInfo,
 };
 pub use peer_auth::{PeerAuthError, PeerAuthentications, RawPeerAuthentication};
-pub use watch::{View, Watch, WatchStatus};
+pub use watch::{View, Watch, WatchObject, WatchStatus};
 
 /// One kind of object the agent reads or writes, with the verbs it uses on it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -17,7 +17,7 @@ use tokio::sync::watch as channel;
 
 use super::{
     ApiClient,
-    watch::{Object, View, Watch, WatchStatus, run},
+    watch::{View, Watch, WatchObject, WatchStatus, run},
 };
 
 /// The versions Istio serves, newest first: the first one the server has is used.
@@ -36,7 +36,7 @@ pub struct RawPeerAuthentication {
     pub object: serde_json::Value,
 }
 
-impl Object for RawPeerAuthentication {
+impl WatchObject for RawPeerAuthentication {
     /// `namespace/name`.
     fn key(&self) -> String {
         format!("{}/{}", self.namespace, self.name)

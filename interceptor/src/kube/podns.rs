@@ -4,7 +4,7 @@
 //! for pods that already run, look at the processes in the pod's cgroup (its child scopes: on
 //! cgroup v2 the pod cgroup itself holds none) and take the namespace of the oldest one (the
 //! sandbox's pause process, when there is one). Two safeguards:
-//! - the node's own namespace (PID 1's, and the agent's) is never a pod's: a hostNetwork pod,
+//! - the node's own namespace (the agent's, and PID 1's) is never a pod's: a hostNetwork pod,
 //!   or a privileged process passing through, would otherwise enroll the node;
 //! - a namespace is accepted only if it holds one of the pod's IPs (read inside it), so a
 //!   process that joined another namespace cannot give the pod a wrong one.
@@ -88,14 +88,18 @@ pub enum PodNetnsError {
 /// (from the API) are `pod_ips`.
 pub fn find_pod_netns(pod_cgroup: &Path, pod_ips: &[IpAddr]) -> Result<FoundNetns, PodNetnsError> {
     let io_error = |context: String| move |source| PodNetnsError::Io { context, source };
-    let host: Vec<u64> = ["/proc/1/ns/net", "/proc/self/ns/net"]
-        .iter()
-        .map(|path| {
-            std::fs::metadata(path)
-                .map(|m| m.ino())
-                .map_err(io_error(format!("the node's network namespace ({path})")))
-        })
-        .collect::<Result<_, _>>()?;
+    // The node's namespace: the agent's own (it runs with hostNetwork), and PID 1's when this
+    // process may look at it (with hostPID; a sandbox may forbid it).
+    let own = std::fs::metadata("/proc/self/ns/net")
+        .map(|m| m.ino())
+        .map_err(io_error(
+            "the agent's network namespace (/proc/self/ns/net)".into(),
+        ))?;
+    let mut host = vec![own];
+    match std::fs::metadata("/proc/1/ns/net") {
+        Ok(init) => host.push(init.ino()),
+        Err(e) => tracing::debug!("PID 1's network namespace: {e}; using the agent's only"),
+    }
     let pids = processes_below(pod_cgroup)
         .map_err(io_error(format!("pod cgroup {}", pod_cgroup.display())))?;
     if pids.is_empty() {
@@ -215,7 +219,8 @@ mod tests {
 
     #[test]
     fn start_time_survives_odd_command_names() {
-        let stat = "4242 (a) b (c)) S 1 4242 4242 0 -1 4194560 100 0 0 0 1 2 0 0 20 0 1 0 987654 1000 10";
+        let stat =
+            "4242 (a) b (c)) S 1 4242 4242 0 -1 4194560 100 0 0 0 1 2 0 0 20 0 1 0 987654 1000 10";
         assert_eq!(start_time(stat), Some(987_654));
         assert_eq!(start_time("12 (x) S 1"), None);
     }

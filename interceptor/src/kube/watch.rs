@@ -14,18 +14,12 @@
 //! and publishes it through a `tokio::sync::watch` channel: readers clone an `Arc` and never
 //! wait for the watch.
 
-use std::{
-    collections::BTreeMap,
-    fmt::Debug,
-    net::IpAddr,
-    sync::Arc,
-};
+use std::{collections::BTreeMap, fmt::Debug, net::IpAddr, sync::Arc};
 
 use ::kube::{
     Api, Resource,
     runtime::{
-        WatchStreamExt,
-        reflector,
+        WatchStreamExt, reflector,
         watcher::{self, Event},
     },
 };
@@ -37,12 +31,10 @@ use k8s_openapi::api::{
 use serde::de::DeserializeOwned;
 use tokio::sync::watch as channel;
 
-use super::{
-    ApiClient, EndpointSliceInfo, NamespaceInfo, PodInfo, ServiceInfo, mesh,
-};
+use super::{ApiClient, EndpointSliceInfo, NamespaceInfo, PodInfo, ServiceInfo, mesh};
 
 /// A plain object a watch publishes.
-pub trait Object: Clone + Debug + Send + Sync + 'static {
+pub trait WatchObject: Clone + Debug + Send + Sync + 'static {
     /// Its key in [`View::objects`].
     fn key(&self) -> String;
     /// Addresses it is found by in [`View::by_ip`].
@@ -51,7 +43,7 @@ pub trait Object: Clone + Debug + Send + Sync + 'static {
     }
 }
 
-impl Object for PodInfo {
+impl WatchObject for PodInfo {
     /// The pod's UID: unique across the pod's re-creations under the same name.
     fn key(&self) -> String {
         self.uid.clone()
@@ -61,14 +53,14 @@ impl Object for PodInfo {
     }
 }
 
-impl Object for NamespaceInfo {
+impl WatchObject for NamespaceInfo {
     /// The namespace's name.
     fn key(&self) -> String {
         self.name.clone()
     }
 }
 
-impl Object for ServiceInfo {
+impl WatchObject for ServiceInfo {
     /// `namespace/name`.
     fn key(&self) -> String {
         format!("{}/{}", self.namespace, self.name)
@@ -78,7 +70,7 @@ impl Object for ServiceInfo {
     }
 }
 
-impl Object for EndpointSliceInfo {
+impl WatchObject for EndpointSliceInfo {
     /// `namespace/name`.
     fn key(&self) -> String {
         format!("{}/{}", self.namespace, self.name)
@@ -108,9 +100,9 @@ pub struct WatchStatus {
 /// A snapshot of the objects a watch sees.
 #[derive(Debug)]
 pub struct View<T> {
-    /// Objects by [`Object::key`].
+    /// Objects by [`WatchObject::key`].
     pub objects: Arc<BTreeMap<String, T>>,
-    /// Keys of the objects that carry each address ([`Object::ips`]).
+    /// Keys of the objects that carry each address ([`WatchObject::ips`]).
     pub by_ip: Arc<BTreeMap<IpAddr, Vec<String>>>,
     /// The watch's health when this snapshot was made.
     pub status: WatchStatus,
@@ -148,7 +140,7 @@ impl<T> Drop for Watch<T> {
     }
 }
 
-impl<T: Object> Watch<T> {
+impl<T: WatchObject> Watch<T> {
     pub(super) fn new(
         rx: channel::Receiver<Arc<View<T>>>,
         task: tokio::task::JoinHandle<()>,
@@ -243,7 +235,7 @@ pub(super) fn spawn<K, T>(
 where
     K: Resource + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
     <K as Resource>::DynamicType: Default + Eq + std::hash::Hash + Clone + Send + Sync,
-    T: Object,
+    T: WatchObject,
 {
     let (tx, rx) = channel::channel(Arc::new(View::empty()));
     let task = tokio::spawn(async move {
@@ -275,11 +267,13 @@ pub(super) async fn run<K, T>(
 ) where
     K: Resource + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
     <K as Resource>::DynamicType: Eq + std::hash::Hash + Clone + Send + Sync,
-    T: Object,
+    T: WatchObject,
 {
     let writer = reflector::store::Writer::<K>::new(dyntype);
     let store = writer.as_reader();
-    let stream = watcher::watcher(api, config).default_backoff().reflect(writer);
+    let stream = watcher::watcher(api, config)
+        .default_backoff()
+        .reflect(writer);
     let mut stream = std::pin::pin!(stream);
     let mut objects = Arc::new(BTreeMap::new());
     let mut by_ip = Arc::new(BTreeMap::new());
