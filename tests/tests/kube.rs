@@ -218,6 +218,33 @@ async fn an_expired_resource_version_relists_without_ever_emptying_the_view() ->
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bookmarks_keep_a_quiet_watch_resumable_after_compaction() -> anyhow::Result<()> {
+    let server = FakeApiServer::start()?;
+    server.set_bookmark_interval(Duration::from_millis(200));
+    server.apply(pod("shop", "a", "node-1").to_json())?;
+    let client = client(&server).await?;
+    let watch = client.watch_node_pods("node-1");
+    tokio::time::timeout(WITHIN, watch.synced()).await?;
+    // Other objects move the resourceVersion on; this watch sees none of them, only the
+    // bookmarks that carry the new version.
+    for n in 0..5 {
+        server.apply(namespace(&format!("ns-{n}"), &[]))?;
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    // Everything older than now is compacted; the watch had moved past it.
+    server.expire_history_before(server.resource_version());
+    server.apply(pod("shop", "b", "node-1").to_json())?;
+    let view = eventually(&watch, Duration::from_secs(5), "b after the compaction", |v| {
+        v.objects.len() == 2
+    })
+    .await?;
+    assert_eq!(view.status.lists, 1, "resumed from the bookmark, no relist");
+    assert_eq!(view.status.errors, 0, "{:?}", view.status);
+    assert_calls_are_declared(&server);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failing_server_does_not_wipe_the_view_and_the_watch_resumes() -> anyhow::Result<()> {
     let server = FakeApiServer::start()?;
     server.apply(pod("shop", "a", "node-1").to_json())?;

@@ -364,9 +364,16 @@ impl FakeApiServer {
     /// Forgets the history: a watch that resumes from any version issued so far gets
     /// `410 Expired` and must relist. Open watches are closed, so they resume (and fail).
     pub fn expire_history(&self) {
+        let next = self.resource_version() + 1;
+        self.expire_history_before(next);
+    }
+
+    /// Compacts the history below `rv`: watches resuming from an older version get `410`,
+    /// newer ones resume. Open watches are closed, so they resume.
+    pub fn expire_history_before(&self, rv: u64) {
         let mut state = self.shared.lock();
-        state.history.clear();
-        state.oldest_watchable = state.rv + 1;
+        state.history.retain(|change| change.rv >= rv);
+        state.oldest_watchable = state.oldest_watchable.max(rv);
         drop(state);
         self.drop_connections();
     }
