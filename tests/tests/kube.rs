@@ -234,9 +234,12 @@ async fn bookmarks_keep_a_quiet_watch_resumable_after_compaction() -> anyhow::Re
     // Everything older than now is compacted; the watch had moved past it.
     server.expire_history_before(server.resource_version());
     server.apply(pod("shop", "b", "node-1").to_json())?;
-    let view = eventually(&watch, Duration::from_secs(5), "b after the compaction", |v| {
-        v.objects.len() == 2
-    })
+    let view = eventually(
+        &watch,
+        Duration::from_secs(5),
+        "b after the compaction",
+        |v| v.objects.len() == 2,
+    )
     .await?;
     assert_eq!(view.status.lists, 1, "resumed from the bookmark, no relist");
     assert_eq!(view.status.errors, 0, "{:?}", view.status);
