@@ -18,9 +18,11 @@
 use std::net::IpAddr;
 
 use ::kube::api::{Api, Patch, PatchParams};
-use k8s_openapi::api::core::v1::Pod;
 
-use super::{ApiClient, NamespaceInfo, PodInfo, View};
+use super::{
+    ApiClient, NamespaceInfo, PodInfo, View,
+    objects::api::{ApiObject, Collection, resource},
+};
 use crate::identity::Identity;
 
 /// Label on a namespace or pod that meshes it (`enabled`) or opts a pod out (`disabled`).
@@ -244,7 +246,11 @@ impl ApiClient {
         pod: &PodInfo,
         identity: Option<&str>,
     ) -> Result<(), PatchError> {
-        let api: Api<Pod> = Api::namespaced(self.client.clone(), &pod.namespace);
+        let api: Api<ApiObject> = Api::namespaced_with(
+            self.client.clone(),
+            &pod.namespace,
+            &resource(Collection::Pods),
+        );
         let patch = Patch::Merge(enrolled_patch(&pod.uid, identity));
         match api.patch(&pod.name, &PatchParams::default(), &patch).await {
             Ok(_) => Ok(()),

@@ -17,7 +17,7 @@ use tokio::sync::watch as channel;
 
 use super::{
     ApiClient,
-    watch::{View, Watch, WatchObject, WatchStatus, run},
+    watch::{View, Watch, WatchObject, WatchStatus, publisher, run},
 };
 
 /// The versions Istio serves, newest first: the first one the server has is used.
@@ -120,6 +120,7 @@ impl ApiClient {
         let client = self.clone();
         let task = tokio::spawn(async move {
             let mut status = WatchStatus::default();
+            let mut publish = publisher(tx.clone(), RawPeerAuthentication::from_api);
             let mut retry = Duration::from_secs(1);
             loop {
                 match client.list_peer_authentications().await {
@@ -136,9 +137,8 @@ impl ApiClient {
                             watcher::Config::default(),
                             resource,
                             "peerauthentications",
-                            RawPeerAuthentication::from_api,
-                            &tx,
                             &mut status,
+                            &mut publish,
                         )
                         .await;
                         if tx.is_closed() {

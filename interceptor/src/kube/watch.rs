@@ -24,14 +24,13 @@ use ::kube::{
     },
 };
 use futures_util::{FutureExt, StreamExt};
-use k8s_openapi::api::{
-    core::v1::{Namespace, Pod, Service},
-    discovery::v1::EndpointSlice,
-};
 use serde::de::DeserializeOwned;
 use tokio::sync::watch as channel;
 
-use super::{ApiClient, EndpointSliceInfo, NamespaceInfo, PodInfo, ServiceInfo, mesh};
+use super::{
+    ApiClient, EndpointSliceInfo, NamespaceInfo, PodInfo, ServiceInfo, mesh,
+    objects::api::{ApiObject, Collection, resource},
+};
 
 /// A plain object a watch publishes.
 pub trait WatchObject: Clone + Debug + Send + Sync + 'static {
@@ -174,7 +173,8 @@ impl ApiClient {
     pub fn watch_node_pods(&self, node: &str) -> Watch<PodInfo> {
         let config = watcher::Config::default().fields(&format!("spec.nodeName={node}"));
         spawn(
-            Api::<Pod>::all(self.client.clone()),
+            Api::<ApiObject>::all_with(self.client.clone(), &resource(Collection::Pods)),
+            resource(Collection::Pods),
             config,
             format!("pods on node {node}"),
             PodInfo::from_api,
@@ -186,7 +186,8 @@ impl ApiClient {
     pub fn watch_enrolled_pods(&self) -> Watch<PodInfo> {
         let config = watcher::Config::default().labels(&mesh::enrolled_selector());
         spawn(
-            Api::<Pod>::all(self.client.clone()),
+            Api::<ApiObject>::all_with(self.client.clone(), &resource(Collection::Pods)),
+            resource(Collection::Pods),
             config,
             "enrolled pods".into(),
             PodInfo::from_api,
@@ -196,7 +197,8 @@ impl ApiClient {
     /// All namespaces (their labels decide who is meshed).
     pub fn watch_namespaces(&self) -> Watch<NamespaceInfo> {
         spawn(
-            Api::<Namespace>::all(self.client.clone()),
+            Api::<ApiObject>::all_with(self.client.clone(), &resource(Collection::Namespaces)),
+            resource(Collection::Namespaces),
             watcher::Config::default(),
             "namespaces".into(),
             NamespaceInfo::from_api,
@@ -206,7 +208,8 @@ impl ApiClient {
     /// All Services, found by ClusterIP in [`View::by_ip`].
     pub fn watch_services(&self) -> Watch<ServiceInfo> {
         spawn(
-            Api::<Service>::all(self.client.clone()),
+            Api::<ApiObject>::all_with(self.client.clone(), &resource(Collection::Services)),
+            resource(Collection::Services),
             watcher::Config::default(),
             "services".into(),
             ServiceInfo::from_api,
@@ -216,7 +219,8 @@ impl ApiClient {
     /// All EndpointSlices.
     pub fn watch_endpoint_slices(&self) -> Watch<EndpointSliceInfo> {
         spawn(
-            Api::<EndpointSlice>::all(self.client.clone()),
+            Api::<ApiObject>::all_with(self.client.clone(), &resource(Collection::EndpointSlices)),
+            resource(Collection::EndpointSlices),
             watcher::Config::default(),
             "endpoint slices".into(),
             EndpointSliceInfo::from_api,
@@ -226,57 +230,86 @@ impl ApiClient {
 
 /// Starts a reflector-backed watch of `api` whose objects `convert` turns into `T`s
 /// (objects it returns `None` for are left out).
-pub(super) fn spawn<K, T>(
-    api: Api<K>,
+pub(super) fn spawn<T: WatchObject>(
+    api: Api<ApiObject>,
+    resource: ::kube::core::ApiResource,
     config: watcher::Config,
     what: String,
-    convert: fn(&K) -> Option<T>,
-) -> Watch<T>
-where
-    K: Resource + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
-    <K as Resource>::DynamicType: Default + Eq + std::hash::Hash + Clone + Send + Sync,
-    T: WatchObject,
-{
+    convert: fn(&ApiObject) -> Option<T>,
+) -> Watch<T> {
     let (tx, rx) = channel::channel(Arc::new(View::empty()));
     let task = tokio::spawn(async move {
         let mut status = WatchStatus::default();
-        run(
-            api,
-            config,
-            Default::default(),
-            &what,
-            convert,
-            &tx,
-            &mut status,
-        )
-        .await;
+        let mut publish = publisher(tx, convert);
+        run(api, config, resource, &what, &mut status, &mut publish).await;
     });
     Watch::new(rx, task)
 }
 
-/// Watches until the channel has no reader or, when the collection is missing from the
-/// server (404: its CRD is not installed), until then. Publishes into `tx`.
-pub(super) async fn run<K, T>(
+/// Publishes snapshots of a store, as `T`s, into `tx`. Returns false once nobody listens.
+///
+/// Kept apart from [`run`] (which takes it as a trait object) so that the watch machinery
+/// is compiled once per API type, not once per plain type.
+pub(super) type Publish<'a, K> =
+    dyn FnMut(&reflector::Store<K>, &WatchStatus, bool) -> bool + Send + 'a;
+
+/// A [`Publish`] that converts with `convert` (rebuilding only after a change).
+pub(super) fn publisher<K, T>(
+    tx: channel::Sender<Arc<View<T>>>,
+    convert: fn(&K) -> Option<T>,
+) -> impl FnMut(&reflector::Store<K>, &WatchStatus, bool) -> bool + Send
+where
+    K: Resource + Clone + 'static,
+    <K as Resource>::DynamicType: Eq + std::hash::Hash + Clone,
+    T: WatchObject,
+{
+    let mut objects = Arc::new(BTreeMap::new());
+    let mut by_ip = Arc::new(BTreeMap::new());
+    move |store, status, changed| {
+        if changed && status.synced {
+            let mut fresh = BTreeMap::new();
+            let mut index: BTreeMap<IpAddr, Vec<String>> = BTreeMap::new();
+            for object in store.state() {
+                if let Some(object) = convert(&object) {
+                    let key = object.key();
+                    for ip in object.ips() {
+                        index.entry(*ip).or_default().push(key.clone());
+                    }
+                    fresh.insert(key, object);
+                }
+            }
+            objects = Arc::new(fresh);
+            by_ip = Arc::new(index);
+        }
+        let view = View {
+            objects: objects.clone(),
+            by_ip: by_ip.clone(),
+            status: status.clone(),
+        };
+        tx.send(Arc::new(view)).is_ok()
+    }
+}
+
+/// Watches until `publish` says nobody listens or, when the collection is missing from the
+/// server (404: its CRD is not installed), until then.
+pub(super) async fn run<K>(
     api: Api<K>,
     config: watcher::Config,
     dyntype: <K as Resource>::DynamicType,
     what: &str,
-    convert: fn(&K) -> Option<T>,
-    tx: &channel::Sender<Arc<View<T>>>,
     status: &mut WatchStatus,
+    publish: &mut Publish<'_, K>,
 ) where
     K: Resource + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
     <K as Resource>::DynamicType: Eq + std::hash::Hash + Clone + Send + Sync,
-    T: WatchObject,
 {
     let writer = reflector::store::Writer::<K>::new(dyntype);
     let store = writer.as_reader();
     let stream = watcher::watcher(api, config)
+        .modify(trim::<K>)
         .default_backoff()
         .reflect(writer);
     let mut stream = std::pin::pin!(stream);
-    let mut objects = Arc::new(BTreeMap::new());
-    let mut by_ip = Arc::new(BTreeMap::new());
     while let Some(first) = stream.next().await {
         let mut changed = false;
         let mut missing = false;
@@ -311,30 +344,19 @@ pub(super) async fn run<K, T>(
             }
             next = stream.next().now_or_never().flatten();
         }
-        if changed && status.synced {
-            let mut fresh = BTreeMap::new();
-            let mut index: BTreeMap<IpAddr, Vec<String>> = BTreeMap::new();
-            for object in store.state() {
-                if let Some(object) = convert(&object) {
-                    let key = object.key();
-                    for ip in object.ips() {
-                        index.entry(*ip).or_default().push(key.clone());
-                    }
-                    fresh.insert(key, object);
-                }
-            }
-            objects = Arc::new(fresh);
-            by_ip = Arc::new(index);
-        }
         status.version += 1;
-        let view = View {
-            objects: objects.clone(),
-            by_ip: by_ip.clone(),
-            status: status.clone(),
-        };
-        if tx.send(Arc::new(view)).is_err() || missing {
+        if !publish(&store, status, changed) || missing {
             return;
         }
+    }
+}
+
+/// Drops what the agent never reads but every object may carry in bulk, before it is stored.
+fn trim<K: Resource>(object: &mut K) {
+    let meta = object.meta_mut();
+    meta.managed_fields = None;
+    if let Some(annotations) = meta.annotations.as_mut() {
+        annotations.remove("kubectl.kubernetes.io/last-applied-configuration");
     }
 }
 
