@@ -4,7 +4,7 @@
 //! [`ApiClient`]s, starts watches that publish [`View`]s of plain objects ([`PodInfo`],
 //! [`NamespaceInfo`], [`ServiceInfo`], [`EndpointSliceInfo`]), decides with pure functions
 //! ([`mesh`]), finds a pod's cgroup and network namespace on the node ([`cgroup`],
-//! [`podns`]) and says on the pod object that it enrolled it ([`mesh::set_enrolled`]).
+//! [`podns`]) and says on the pod object that it enrolled it ([`ApiClient::set_enrolled`]).
 //!
 //! | piece | file |
 //! |---|---|
