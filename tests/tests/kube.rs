@@ -14,6 +14,7 @@ use std::{
 };
 
 use anyhow::{Context, ensure};
+use interceptor::identity::Identity;
 use interceptor::kube::{
     API_CALLS, ApiClient, ClientSource, PodInfo, QosClass, View, Watch,
     cgroup::{Driver, detect_pods_root},
@@ -408,7 +409,8 @@ async fn the_enrolled_marker_is_patched_and_the_mesh_view_follows_it() -> anyhow
         mesh::MeshDecision::Enroll
     );
     let identity = "spiffe://cluster.local/ns/shop/sa/web";
-    client.set_enrolled(&web, Some(identity)).await?;
+    let web_identity: Identity = identity.parse()?;
+    client.set_enrolled(&web, Some(&web_identity)).await?;
     let stored = server.get(Kind::Pod, "shop", "web").context("stored")?;
     assert_eq!(
         stored["metadata"]["annotations"][mesh::ENROLLED_ANNOTATION],
@@ -461,10 +463,16 @@ async fn the_enrolled_marker_is_patched_and_the_mesh_view_follows_it() -> anyhow
     // A pod re-created under the same name is never marked through the old one's UID.
     server.delete(Kind::Pod, "shop", "web");
     server.apply(pod("shop", "web", "node-1").ip(ip).to_json())?;
-    let error = client.set_enrolled(&web, Some(identity)).await.unwrap_err();
+    let error = client
+        .set_enrolled(&web, Some(&web_identity))
+        .await
+        .unwrap_err();
     assert!(matches!(error, PatchError::Gone { .. }), "{error}");
     server.delete(Kind::Pod, "shop", "web");
-    let error = client.set_enrolled(&web, Some(identity)).await.unwrap_err();
+    let error = client
+        .set_enrolled(&web, Some(&web_identity))
+        .await
+        .unwrap_err();
     assert!(matches!(error, PatchError::Gone { .. }), "{error}");
     assert_calls_are_declared(&server);
     Ok(())

@@ -238,20 +238,21 @@ pub enum PatchError {
 }
 
 impl ApiClient {
-    /// Marks `pod` enrolled under `identity` (the SPIFFE id its certificate carries), or
+    /// Marks `pod` enrolled under `identity` (the identity its certificate carries), or
     /// removes the mark (`None`): [`ENROLLED_LABEL`] and [`ENROLLED_ANNOTATION`] in one merge
     /// patch.
     pub async fn set_enrolled(
         &self,
         pod: &PodInfo,
-        identity: Option<&str>,
+        identity: Option<&Identity>,
     ) -> Result<(), PatchError> {
         let api: Api<ApiObject> = Api::namespaced_with(
             self.client.clone(),
             &pod.namespace,
             &resource(Collection::Pods),
         );
-        let patch = Patch::Merge(enrolled_patch(&pod.uid, identity));
+        let identity = identity.map(Identity::to_string);
+        let patch = Patch::Merge(enrolled_patch(&pod.uid, identity.as_deref()));
         match api.patch(&pod.name, &PatchParams::default(), &patch).await {
             Ok(_) => Ok(()),
             Err(::kube::Error::Api(status)) if status.code == 404 || status.code == 409 => {

@@ -524,4 +524,116 @@ mod tests {
         assert_eq!(info.qos_class, None);
         assert!(!info.ready);
     }
+
+    /// Objects as a real API server returns them, with the fields the slim type skips
+    /// (containers, probes, managedFields, a Service's status, string target ports).
+    #[test]
+    fn full_objects_decode_through_the_slim_type() {
+        let pod: Pod = serde_json::from_value(serde_json::json!({
+            "kind": "Pod", "apiVersion": "v1",
+            "metadata": {"name": "web-7d9f", "namespace": "shop", "uid": "a1b2c3d4-0000-4000-8000-000000000001",
+                "generateName": "web-", "ownerReferences": [{"apiVersion": "apps/v1", "kind": "ReplicaSet",
+                "name": "web", "uid": "x", "controller": true}],
+                "managedFields": [{"manager": "kubelet", "operation": "Update", "fieldsType": "FieldsV1",
+                "fieldsV1": {"f:status": {}}}]},
+            "spec": {"containers": [{"name": "app", "image": "app:1", "ports": [{"containerPort": 8080}],
+                "readinessProbe": {"httpGet": {"path": "/", "port": "http"}},
+                "resources": {"requests": {"cpu": "100m"}}}],
+                "volumes": [{"name": "v", "projected": {"sources": []}}],
+                "nodeName": "node-1", "serviceAccountName": "web", "tolerations": [],
+                "securityContext": {}, "restartPolicy": "Always"},
+            "status": {"phase": "Running", "hostIP": "10.0.0.1", "podIP": "198.19.1.10",
+                "podIPs": [{"ip": "198.19.1.10"}], "qosClass": "Guaranteed", "startTime": "2026-11-30T05:00:00Z",
+                "containerStatuses": [{"name": "app", "ready": true, "restartCount": 0, "image": "app:1",
+                "imageID": "", "state": {"running": {"startedAt": "2026-11-30T05:00:01Z"}}}],
+                "conditions": [{"type": "PodScheduled", "status": "True"}, {"type": "Ready", "status": "True",
+                "lastTransitionTime": "2026-11-30T05:00:02Z"}]}
+        }))
+        .unwrap();
+        let info = PodInfo::from_api(&pod).unwrap();
+        assert_eq!(info.qos_class, Some(QosClass::Guaranteed));
+        assert!(info.ready);
+        assert_eq!(info.node.as_deref(), Some("node-1"));
+
+        let service: Service = serde_json::from_value(serde_json::json!({
+            "kind": "Service", "apiVersion": "v1",
+            "metadata": {"name": "web", "namespace": "shop"},
+            "spec": {"type": "ClusterIP", "clusterIP": "198.18.200.1", "clusterIPs": ["198.18.200.1"],
+                "ports": [{"name": "http", "port": 80, "targetPort": "http", "protocol": "TCP"},
+                          {"port": 9090, "targetPort": 9090}],
+                "selector": {"app": "web"}, "sessionAffinity": "None", "ipFamilies": ["IPv4"]},
+            "status": {"loadBalancer": {}, "conditions": [{"type": "x", "status": "True", "reason": "r",
+                "message": "", "lastTransitionTime": "2026-11-30T05:00:00Z"}]}
+        }))
+        .unwrap();
+        let info = ServiceInfo::from_api(&service).unwrap();
+        assert_eq!(
+            info.cluster_ips,
+            vec!["198.18.200.1".parse::<IpAddr>().unwrap()]
+        );
+        assert_eq!(info.ports.len(), 2);
+        assert_eq!(
+            (info.ports[1].name.as_str(), info.ports[1].protocol.as_str()),
+            ("", "TCP")
+        );
+
+        let headless: Service = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "db", "namespace": "shop"},
+            "spec": {"clusterIP": "None", "clusterIPs": ["None"], "ports": [{"port": 5432}]}
+        }))
+        .unwrap();
+        assert!(
+            ServiceInfo::from_api(&headless)
+                .unwrap()
+                .cluster_ips
+                .is_empty()
+        );
+
+        let namespace: Namespace = serde_json::from_value(serde_json::json!({
+            "kind": "Namespace", "apiVersion": "v1",
+            "metadata": {"name": "shop", "labels": {"interceptor.io/mesh": "enabled",
+                "kubernetes.io/metadata.name": "shop"}},
+            "spec": {"finalizers": ["kubernetes"]},
+            "status": {"phase": "Active", "conditions": [{"type": "NamespaceDeletionContentFailure", "status": "False"}]}
+        }))
+        .unwrap();
+        let info = NamespaceInfo::from_api(&namespace).unwrap();
+        assert_eq!(info.labels[mesh::MESH_LABEL], mesh::MESH_ENABLED);
+
+        let slice: EndpointSlice = serde_json::from_value(serde_json::json!({
+            "kind": "EndpointSlice", "apiVersion": "discovery.k8s.io/v1", "addressType": "IPv4",
+            "metadata": {"name": "web-x1", "namespace": "shop", "labels": {"kubernetes.io/service-name": "web"}},
+            "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}, {"name": "unset", "port": null}],
+            "endpoints": [
+                {"addresses": ["198.19.1.10"], "conditions": {"ready": true, "serving": true, "terminating": false},
+                 "nodeName": "node-1", "zone": "a", "targetRef": {"kind": "Pod", "namespace": "shop", "name": "web-7d9f", "uid": "u"}},
+                {"addresses": ["198.19.2.10"], "conditions": {"ready": false}},
+                {"addresses": ["198.19.2.11"]}
+            ]
+        }))
+        .unwrap();
+        let info = EndpointSliceInfo::from_api(&slice).unwrap();
+        assert_eq!(info.ports, vec![("http".to_owned(), 8080)]);
+        assert_eq!(
+            info.endpoints.iter().map(|e| e.ready).collect::<Vec<_>>(),
+            vec![true, false, true],
+            "an unset condition means ready"
+        );
+        assert_eq!(
+            info.endpoints[0].pod,
+            Some(("shop".into(), "web-7d9f".into()))
+        );
+
+        // A slice with no endpoints at all (null) is empty, not an error.
+        let empty: EndpointSlice = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "e", "namespace": "shop"}, "endpoints": null
+        }))
+        .unwrap();
+        assert!(
+            EndpointSliceInfo::from_api(&empty)
+                .unwrap()
+                .endpoints
+                .is_empty()
+        );
+    }
 }

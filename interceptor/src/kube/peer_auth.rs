@@ -137,6 +137,7 @@ impl ApiClient {
                             watcher::Config::default(),
                             resource,
                             "peerauthentications",
+                            true,
                             &mut status,
                             &mut publish,
                         )

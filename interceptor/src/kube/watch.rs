@@ -241,7 +241,17 @@ pub(super) fn spawn<T: WatchObject>(
     let task = tokio::spawn(async move {
         let mut status = WatchStatus::default();
         let mut publish = publisher(tx, convert);
-        run(api, config, resource, &what, &mut status, &mut publish).await;
+        // Built-in kinds are always served: a 404 is retried like any error.
+        run(
+            api,
+            config,
+            resource,
+            &what,
+            false,
+            &mut status,
+            &mut publish,
+        )
+        .await;
     });
     Watch::new(rx, task)
 }
@@ -290,13 +300,14 @@ where
     }
 }
 
-/// Watches until `publish` says nobody listens or, when the collection is missing from the
-/// server (404: its CRD is not installed), until then.
+/// Watches until `publish` says nobody listens or, with `stop_when_missing`, until the
+/// collection is missing from the server (404: its CRD is not installed).
 pub(super) async fn run<K>(
     api: Api<K>,
     config: watcher::Config,
     dyntype: <K as Resource>::DynamicType,
     what: &str,
+    stop_when_missing: bool,
     status: &mut WatchStatus,
     publish: &mut Publish<'_, K>,
 ) where
@@ -338,7 +349,7 @@ pub(super) async fn run<K>(
                     } else {
                         tracing::warn!(watch = %what, error = %text, "watch error; retrying with backoff");
                     }
-                    missing |= is_not_found(&error);
+                    missing |= stop_when_missing && is_not_found(&error);
                     status.last_error = Some(text);
                 }
             }
