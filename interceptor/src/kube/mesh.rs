@@ -142,6 +142,79 @@ pub fn decide(pod: &PodInfo, namespace: Option<&NamespaceInfo>) -> MeshDecision 
     MeshDecision::Enroll
 }
 
+/// What the node agent should change so that its enrolled pods match the API.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Plan {
+    /// Meshed pods to enroll (not enrolled yet).
+    pub enroll: Vec<PodInfo>,
+    /// Enrolled pods (UIDs) to remove: gone from the API, or no longer meshed.
+    pub remove: Vec<String>,
+    /// Enrolled pods whose marker is missing or wrong: set it ([`ApiClient::set_enrolled`]).
+    pub mark: Vec<PodInfo>,
+    /// Pods that carry a marker but are not meshed (an agent before a restart marked them):
+    /// clear it.
+    pub unmark: Vec<PodInfo>,
+    /// Meshed pods that cannot be enrolled yet, and why.
+    pub waiting: Vec<(PodInfo, WaitReason)>,
+}
+
+/// Compares the pods this agent has enrolled (`enrolled`, by UID: its saved state after a
+/// restart, or its live state) with this node's pods and the namespaces from the API.
+///
+/// Nothing is removed before the node's pods have been listed once (an empty view at
+/// start-up is not "all pods are gone"). A pod that waits (its namespace not seen yet)
+/// stays enrolled if it is.
+pub fn reconcile(
+    enrolled: &std::collections::BTreeSet<String>,
+    pods: &View<PodInfo>,
+    namespaces: &View<NamespaceInfo>,
+    trust_domain: &str,
+) -> Plan {
+    let mut plan = Plan::default();
+    if !pods.status.synced {
+        return plan;
+    }
+    for uid in enrolled {
+        if !pods.objects.contains_key(uid) {
+            plan.remove.push(uid.clone());
+        }
+    }
+    for pod in pods.objects.values() {
+        let namespace = if namespaces.status.synced {
+            namespaces.objects.get(&pod.namespace)
+        } else {
+            None
+        };
+        let is_enrolled = enrolled.contains(&pod.uid);
+        match decide(pod, namespace) {
+            MeshDecision::Enroll => {
+                let expected = Identity::new(trust_domain, &pod.namespace, &pod.service_account)
+                    .map(|identity| identity.to_string())
+                    .ok();
+                if !is_enrolled {
+                    plan.enroll.push(pod.clone());
+                } else if pod.enrolled.is_none() || pod.enrolled != expected {
+                    plan.mark.push(pod.clone());
+                }
+            }
+            MeshDecision::Wait(reason) => {
+                if !is_enrolled {
+                    plan.waiting.push((pod.clone(), reason));
+                }
+            }
+            MeshDecision::Skip(_) => {
+                if is_enrolled {
+                    plan.remove.push(pod.uid.clone());
+                }
+                if pod.enrolled.is_some() {
+                    plan.unmark.push(pod.clone());
+                }
+            }
+        }
+    }
+    plan
+}
+
 /// What a peer knows about a destination address.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum MeshLookup {
@@ -470,5 +543,70 @@ mod tests {
             lookup(&view(vec![enrolled, other], true), ip, "td"),
             MeshLookup::Meshed { .. }
         ));
+    }
+
+    fn synced<T>(objects: Vec<(String, T)>) -> View<T> {
+        View {
+            objects: Arc::new(objects.into_iter().collect()),
+            by_ip: Arc::default(),
+            status: WatchStatus {
+                synced: true,
+                ..WatchStatus::default()
+            },
+        }
+    }
+
+    #[test]
+    fn a_restarted_agent_forgets_gone_pods_and_enrolls_new_ones() {
+        let mut kept = pod(&[]);
+        kept.uid = "kept".into();
+        kept.enrolled = Some("spiffe://td/ns/shop/sa/web-sa".into());
+        let mut unmarked = pod(&[]);
+        unmarked.uid = "unmarked".into();
+        let mut opted_out = pod(&[(MESH_LABEL, MESH_DISABLED)]);
+        opted_out.uid = "opted-out".into();
+        opted_out.enrolled = Some("spiffe://td/ns/shop/sa/web-sa".into());
+        let mut new = pod(&[]);
+        new.uid = "new".into();
+        let mut starting = pod(&[]);
+        starting.uid = "starting".into();
+        starting.ips.clear();
+        let pods = synced(
+            [&kept, &unmarked, &opted_out, &new, &starting]
+                .into_iter()
+                .map(|p| (p.uid.clone(), p.clone()))
+                .collect(),
+        );
+        let namespaces = synced(vec![(
+            "shop".to_owned(),
+            namespace(&[(MESH_LABEL, MESH_ENABLED)]),
+        )]);
+        let saved: std::collections::BTreeSet<String> = ["kept", "unmarked", "opted-out", "gone"]
+            .into_iter()
+            .map(String::from)
+            .collect();
+        let plan = reconcile(&saved, &pods, &namespaces, "td");
+        assert_eq!(plan.enroll, vec![new]);
+        assert_eq!(plan.remove, vec!["gone".to_owned(), "opted-out".to_owned()]);
+        assert_eq!(plan.mark, vec![unmarked]);
+        assert_eq!(plan.unmark, vec![opted_out]);
+        assert_eq!(plan.waiting, vec![(starting, WaitReason::NoAddress)]);
+    }
+
+    #[test]
+    fn nothing_is_removed_before_the_first_list() {
+        let saved: std::collections::BTreeSet<String> = ["a".to_owned()].into();
+        let mut pods = synced(Vec::<(String, PodInfo)>::new());
+        pods.status.synced = false;
+        let namespaces = synced(Vec::new());
+        assert_eq!(reconcile(&saved, &pods, &namespaces, "td"), Plan::default());
+        // With the pods listed but the namespaces not yet, an enrolled pod that relies on its
+        // namespace label waits and stays.
+        let mut web = pod(&[]);
+        web.uid = "a".into();
+        let pods = synced(vec![("a".to_owned(), web)]);
+        let mut namespaces = synced(Vec::new());
+        namespaces.status.synced = false;
+        assert_eq!(reconcile(&saved, &pods, &namespaces, "td"), Plan::default());
     }
 }
