@@ -120,7 +120,6 @@ impl ApiClient {
         let client = self.clone();
         let task = tokio::spawn(async move {
             let mut status = WatchStatus::default();
-            let mut publish = publisher(tx.clone(), RawPeerAuthentication::from_api);
             let mut retry = Duration::from_secs(1);
             loop {
                 match client.list_peer_authentications().await {
@@ -128,7 +127,11 @@ impl ApiClient {
                         version: Some(version),
                         ..
                     }) => {
+                        // Not synced again until this version's list is in, and nothing
+                        // from an earlier run of the CRD is published again.
                         status.absent = false;
+                        status.synced = false;
+                        let mut publish = publisher(tx.clone(), RawPeerAuthentication::from_api);
                         let resource = api_resource(version);
                         let api: Api<DynamicObject> =
                             Api::all_with(client.client.clone(), &resource);
