@@ -552,6 +552,45 @@ async fn client_errors_name_the_flag_and_the_file() {
     }
 }
 
+#[test]
+fn the_fake_api_server_serves_inside_a_lab_namespace() -> anyhow::Result<()> {
+    // SAFETY: geteuid has no preconditions.
+    assert!(
+        unsafe { libc::geteuid() } == 0,
+        "this test needs root (network namespaces)"
+    );
+    let mut made = Made::default();
+    let address = Ipv4Addr::new(198, 18, 252, 1);
+    let netns = made.netns(&format!("icpt-kt-{}-api", std::process::id()), address)?;
+    let server = FakeApiServer::start_in_netns(&netns, (address, 0).into())?;
+    server.apply(pod("shop", "web", "node-1").to_json())?;
+    let url = server.url();
+    ensure!(url.starts_with("http://198.18.252.1:"), "{url}");
+    let kubeconfig: serde_yaml::Value =
+        serde_yaml::from_str(&std::fs::read_to_string(server.kubeconfig())?)?;
+    assert_eq!(
+        kubeconfig["clusters"][0]["cluster"]["server"].as_str(),
+        Some(url.as_str())
+    );
+    // A client inside that namespace lists the pod.
+    let output = Command::new("nsenter")
+        .arg(format!("--net={}", netns.display()))
+        .args(["curl", "-sS", "--max-time", "5"])
+        .arg(format!(
+            "{url}/api/v1/namespaces/shop/pods?fieldSelector=spec.nodeName%3Dnode-1"
+        ))
+        .output()?;
+    ensure!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let list: serde_json::Value = serde_json::from_slice(&output.stdout)?;
+    assert_eq!(list["kind"], "PodList");
+    assert_eq!(list["items"][0]["metadata"]["name"], "web");
+    Ok(())
+}
+
 // ---- a pod's network namespace, on the real kernel ----
 
 /// What the cgroup test made; removed on drop, also after a failed assertion.

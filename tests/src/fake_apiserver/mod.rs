@@ -235,6 +235,29 @@ impl FakeApiServer {
         Self::start_on(listener)
     }
 
+    /// Starts a server listening on `addr` inside the network namespace at `netns` (a lab
+    /// node's or the fabric's), so that agents in the lab reach it. The server itself runs on
+    /// a thread of this process; only its socket lives in that namespace.
+    pub fn start_in_netns(netns: &Path, addr: SocketAddr) -> anyhow::Result<Self> {
+        let netns = std::fs::File::open(netns)
+            .with_context(|| format!("network namespace {}", netns.display()))?;
+        // A short-lived thread joins the namespace, binds, and ends; nothing else moves.
+        let listener = std::thread::scope(|scope| {
+            scope
+                .spawn(|| -> anyhow::Result<std::net::TcpListener> {
+                    use std::os::fd::AsRawFd;
+                    // SAFETY: setns on this thread only, with a descriptor we own.
+                    if unsafe { libc::setns(netns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+                        return Err(std::io::Error::last_os_error()).context("setns");
+                    }
+                    std::net::TcpListener::bind(addr).with_context(|| format!("binding {addr}"))
+                })
+                .join()
+                .map_err(|_| anyhow::anyhow!("the binding thread panicked"))?
+        })?;
+        Self::start_on(listener)
+    }
+
     /// Starts a server on a listener the caller made (for example inside a lab namespace).
     pub fn start_on(listener: std::net::TcpListener) -> anyhow::Result<Self> {
         listener.set_nonblocking(true)?;
