@@ -32,7 +32,7 @@ pub use objects::{
     EndpointInfo, EndpointSliceInfo, NamespaceInfo, PodInfo, PodPhase, QosClass, ServiceInfo,
     ServicePortInfo,
 };
-pub use peer_auth::{PeerAuthError, PeerAuthentications, RawPeerAuthentication};
+pub use peer_auth::{ABSENT_RECHECK, PeerAuthError, PeerAuthentications, RawPeerAuthentication};
 pub use watch::{View, Watch, WatchObject, WatchStatus};
 
 /// One kind of object the agent reads or writes, with the verbs it uses on it.

@@ -21,7 +21,7 @@ use super::{
 };
 
 /// The versions Istio serves, newest first: the first one the server has is used.
-pub const VERSIONS: [&str; 2] = ["v1", "v1beta1"];
+const VERSIONS: [&str; 2] = ["v1", "v1beta1"];
 /// How often an absent CRD is looked for again.
 pub const ABSENT_RECHECK: Duration = Duration::from_secs(30);
 
