@@ -176,7 +176,11 @@ async fn an_expired_resource_version_relists_without_ever_emptying_the_view() ->
     loop {
         let view = watch.current();
         let now = names(&view);
-        assert!(now == old || now == new, "a partial or empty view: {now:?}");
+        assert!(
+            now == old || now == new,
+            "a partial or empty view: {now:?} ({:?})",
+            view.status
+        );
         if now == new {
             assert!(
                 view.status.lists >= 2,

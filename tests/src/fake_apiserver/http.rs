@@ -35,11 +35,13 @@ pub(super) async fn serve(listener: TcpListener, shared: Arc<Shared>) {
             continue;
         }
         let mut kill = shared.kill.subscribe();
+        // Requests on this connection serve nothing once a later drop has been ordered.
+        let generation = *kill.borrow_and_update();
         let shared = shared.clone();
         tokio::spawn(async move {
             let service = service_fn(move |request| {
                 let shared = shared.clone();
-                async move { Ok::<_, Infallible>(handle(request, &shared).await) }
+                async move { Ok::<_, Infallible>(handle(request, &shared, generation).await) }
             });
             let connection = http1::Builder::new().serve_connection(TokioIo::new(stream), service);
             // Dropping the connection closes the socket: watches end mid-stream.
@@ -88,7 +90,7 @@ fn route(path: &str) -> Option<Target> {
     })
 }
 
-async fn handle(request: Request<Incoming>, shared: &Shared) -> Response<Body> {
+async fn handle(request: Request<Incoming>, shared: &Shared, generation: u64) -> Response<Body> {
     let query = parse_query(request.uri().query().unwrap_or(""));
     let watching = matches!(query.get("watch").map(String::as_str), Some("1" | "true"));
     let route = route(request.uri().path());
@@ -132,7 +134,7 @@ async fn handle(request: Request<Incoming>, shared: &Shared) -> Response<Body> {
         return not_served();
     };
     match (request.method().clone(), target.name.clone()) {
-        (Method::GET, None) if watching => watch(shared, &target, &query),
+        (Method::GET, None) if watching => watch(shared, &target, &query, generation),
         (Method::GET, None) => {
             let delay = shared.lock().list_delay;
             tokio::time::sleep(delay).await;
@@ -308,7 +310,12 @@ fn object_not_found(kind: Kind, name: &str) -> Response<Body> {
     )
 }
 
-fn watch(shared: &Shared, target: &Target, query: &HashMap<String, String>) -> Response<Body> {
+fn watch(
+    shared: &Shared,
+    target: &Target,
+    query: &HashMap<String, String>,
+    generation: u64,
+) -> Response<Body> {
     let filter = match Filter::new(target, query) {
         Ok(filter) => filter,
         Err(message) => return status(400, "BadRequest", &message, json!({})),
@@ -346,8 +353,17 @@ fn watch(shared: &Shared, target: &Target, query: &HashMap<String, String>) -> R
     };
     // Subscribe before reading the state, so no change falls in between.
     let mut changes = shared.changes.subscribe();
-    // A connection drop ordered before a change must win over delivering that change.
+    // A connection drop ordered before a change must win over delivering that change: the
+    // connection's generation was taken when it was accepted.
     let killed = shared.kill.subscribe();
+    if *killed.borrow() != generation {
+        return status(
+            503,
+            "ServiceUnavailable",
+            "the connection is being dropped",
+            json!({}),
+        );
+    }
     let (tx, rx) = mpsc::channel::<Bytes>(1024);
     let (mut last_rv, interval) = {
         let state = shared.lock();
@@ -398,7 +414,7 @@ fn watch(shared: &Shared, target: &Target, query: &HashMap<String, String>) -> R
         loop {
             let bytes = tokio::select! {
                 change = changes.recv() => match change {
-                    Ok(_) if killed.has_changed().unwrap_or(true) => return,
+                    Ok(_) if *killed.borrow() != generation => return,
                     Ok(change) if change.rv > last_rv => {
                         last_rv = change.rv;
                         match filter.event(&change) {
