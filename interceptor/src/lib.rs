@@ -20,6 +20,7 @@ pub mod directory;
 pub mod ebpf;
 pub mod fsutil;
 pub mod identity;
+pub mod kube;
 #[allow(unsafe_code)]
 pub mod limits;
 pub mod mesh;

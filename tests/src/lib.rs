@@ -1,7 +1,8 @@
-//! Integration test support for interceptor: the lab (a multi-node cluster on one host) and
-//! the payload pattern shared by tests and the `lab-fixture` tool.
+//! Integration test support for interceptor: the lab (a multi-node cluster on one host), the
+//! fake Kubernetes API server, and the payload pattern shared by tests and the `lab-fixture` tool.
 
 pub mod bench;
+pub mod fake_apiserver;
 pub mod lab;
 pub mod pattern;
 pub mod scenario;

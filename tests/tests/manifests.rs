@@ -1,15 +1,20 @@
-//! The Kubernetes manifests in deploy/: well-formed, and consistent with the agent's flags and
-//! with the policy parser. There is no cluster here, so this is as far as validation goes.
+//! The Kubernetes manifests in deploy/: well-formed, and consistent with the agent's flags,
+//! with the policy parser, and (RBAC) with the API calls the agent makes. There is no cluster
+//! here, so this is as far as validation goes.
 
-use std::process::Command;
+use std::{collections::BTreeSet, process::Command};
 
 use anyhow::{Context, ensure};
 use serde_json::Value;
 
 fn manifests() -> anyhow::Result<Vec<Value>> {
-    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/daemonset.yaml");
-    let text = std::fs::read_to_string(path)?;
-    serde_saphyr::from_multiple(&text).context("deploy/daemonset.yaml")
+    load("daemonset.yaml")
+}
+
+fn load(file: &str) -> anyhow::Result<Vec<Value>> {
+    let path = format!("{}/../deploy/{file}", env!("CARGO_MANIFEST_DIR"));
+    let text = std::fs::read_to_string(&path)?;
+    serde_saphyr::from_multiple(&text).with_context(|| format!("deploy/{file}"))
 }
 
 #[test]
@@ -96,5 +101,86 @@ fn the_policy_config_map_holds_valid_policies() -> anyhow::Result<()> {
         let objects = interceptor::policy::parse_str(text.as_str().context("value")?, file)?;
         ensure!(!objects.is_empty(), "{file} holds no policy");
     }
+    Ok(())
+}
+
+#[test]
+fn rbac_grants_exactly_the_calls_the_agent_makes() -> anyhow::Result<()> {
+    let rbac = load("rbac.yaml")?;
+    let daemonset_docs = manifests()?;
+    let find = |docs: &[Value], kind: &str| -> anyhow::Result<Value> {
+        docs.iter()
+            .find(|d| d["kind"] == kind)
+            .cloned()
+            .with_context(|| format!("no {kind}"))
+    };
+    let role = find(&rbac, "ClusterRole")?;
+    let mut granted = BTreeSet::new();
+    for rule in role["rules"].as_array().context("rules")? {
+        ensure!(
+            rule.get("resourceNames").is_none() && rule.get("nonResourceURLs").is_none(),
+            "unexpected rule shape: {rule:?}"
+        );
+        let strings = |field: &str| -> anyhow::Result<Vec<String>> {
+            rule[field]
+                .as_array()
+                .with_context(|| format!("rule without {field}"))?
+                .iter()
+                .map(|v| v.as_str().map(str::to_owned).context("not a string"))
+                .collect()
+        };
+        for group in strings("apiGroups")? {
+            for resource in strings("resources")? {
+                for verb in strings("verbs")? {
+                    ensure!(
+                        group != "*" && resource != "*" && verb != "*",
+                        "wildcards are not least privilege"
+                    );
+                    ensure!(
+                        granted.insert((group.clone(), resource.clone(), verb.clone())),
+                        "{group}/{resource} {verb} granted twice"
+                    );
+                }
+            }
+        }
+    }
+    let called: BTreeSet<(String, String, String)> = interceptor::kube::API_CALLS
+        .iter()
+        .flat_map(|call| {
+            call.verbs.iter().map(|verb| {
+                (
+                    call.group.to_owned(),
+                    call.resource.to_owned(),
+                    verb.to_string(),
+                )
+            })
+        })
+        .collect();
+    let extra: Vec<_> = granted.difference(&called).collect();
+    let missing: Vec<_> = called.difference(&granted).collect();
+    ensure!(
+        extra.is_empty() && missing.is_empty(),
+        "ClusterRole and interceptor::kube::API_CALLS differ: granted but never called {extra:?}, \
+         called but not granted {missing:?}"
+    );
+
+    // The binding gives that role to the DaemonSet's service account, in its namespace.
+    let account = find(&rbac, "ServiceAccount")?;
+    let binding = find(&rbac, "ClusterRoleBinding")?;
+    ensure!(binding["roleRef"]["kind"] == "ClusterRole");
+    ensure!(binding["roleRef"]["name"] == role["metadata"]["name"]);
+    let subjects = binding["subjects"].as_array().context("subjects")?;
+    ensure!(subjects.len() == 1, "one subject: the agent");
+    ensure!(subjects[0]["kind"] == "ServiceAccount");
+    ensure!(subjects[0]["name"] == account["metadata"]["name"]);
+    ensure!(subjects[0]["namespace"] == account["metadata"]["namespace"]);
+    let daemonset = find(&daemonset_docs, "DaemonSet")?;
+    ensure!(
+        daemonset["spec"]["template"]["spec"]["serviceAccountName"] == account["metadata"]["name"],
+        "the DaemonSet runs as the bound service account"
+    );
+    ensure!(daemonset["metadata"]["namespace"] == account["metadata"]["namespace"]);
+    let namespace = find(&daemonset_docs, "Namespace")?;
+    ensure!(namespace["metadata"]["name"] == account["metadata"]["namespace"]);
     Ok(())
 }
