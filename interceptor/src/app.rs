@@ -6,7 +6,8 @@
 //! Kernel::load ───┤ OriginalDsts ──► proxies          (AdminHandler)
 //!                 ├ CounterReader ─► metrics, status
 //!                 └ EventReader ───► kernel-event task (records)
-//! MeshDirectory ──► Mesh (view + source) ──► proxies, enrolment, refresh task
+//! MeshDirectory or KubeMeshSource ──► Mesh (view + source) ──► proxies, enrolment, refresh
+//! NodePods (Kubernetes mode) ──► Agent as `Enrolment`
 //! RecordStore ────► proxies, kernel events, metrics, admin `watch`
 //! ```
 //!
@@ -25,8 +26,9 @@ use crate::{
     directory::MeshDirectory,
     ebpf::{Kernel, LoadedKernel},
     identity::Ca,
+    kube::{ApiClient, KubeMeshSource, NodePods, cgroup::PodsRoot},
     limits::FdReserve,
-    mesh::Mesh,
+    mesh::{Mesh, MeshSource},
     metrics::{self, MetricsSources},
     proxy::{ProxyShared, admission::Admission},
     records::RecordStore,
@@ -53,8 +55,15 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
     })?;
     let counters = Arc::new(counters);
     let records = Arc::new(RecordStore::new(config.record_capacity));
-    let directory = MeshDirectory::open(&config.mesh_dir).context("--mesh-dir")?;
-    let mesh = Arc::new(Mesh::new(Arc::new(directory)));
+    let kube = match &config.kubernetes {
+        Some(source) => Some(ApiClient::connect(source).await?),
+        None => None,
+    };
+    let source: Arc<dyn MeshSource> = match &kube {
+        Some(client) => Arc::new(KubeMeshSource::start(client, ca.trust_domain())),
+        None => Arc::new(MeshDirectory::open(&config.mesh_dir).context("--mesh-dir")?),
+    };
+    let mesh = Arc::new(Mesh::new(source));
     let admission = Admission::new(config.tunnel_limits);
     let shared = Arc::new(ProxyShared {
         original_dsts,
@@ -66,12 +75,25 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
     let admin_socket = config.admin_socket.clone();
     let metrics_addr = config.metrics_addr;
     let node = config.node_name.clone();
+    let pods_root = PodsRoot::from_dir(&config.pods_cgroup);
+    let trust_domain = ca.trust_domain().to_owned();
     let agent = Arc::new(Agent::new(config, ca, kernel, counters.clone(), shared)?);
 
     let admin_listener = admin::server::bind(&admin_socket)
         .with_context(|| format!("admin socket {}", admin_socket.display()))?;
     let mut tasks = agent.start(events).await;
     tasks.push(tokio::spawn(mesh.refresh(MESH_REFRESH)));
+    if let Some(client) = kube {
+        info!(origin = %client.origin(), "Kubernetes mode: pods and the mesh come from the API");
+        let pods = NodePods {
+            enrolment: agent.clone(),
+            client,
+            node: node.clone(),
+            root: pods_root,
+            trust_domain,
+        };
+        tasks.push(tokio::spawn(pods.run()));
+    }
     if let Some(addr) = metrics_addr {
         let listener = tokio::net::TcpListener::bind(addr)
             .await

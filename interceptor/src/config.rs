@@ -30,6 +30,9 @@ pub struct AgentConfig {
     pub record_capacity: usize,
     /// Lifetime of workload certificates; they are renewed at half-life.
     pub cert_lifetime: std::time::Duration,
+    /// Kubernetes mode: where the API client's configuration comes from. `None` is the
+    /// standalone mode (CLI enrolment, `--mesh-dir`).
+    pub kubernetes: Option<crate::kube::ClientSource>,
     /// Deadlines and caps for unauthenticated connections on the tunnel ports.
     pub tunnel_limits: crate::proxy::admission::TunnelLimits,
 }

@@ -350,6 +350,12 @@ impl Lab {
         Ok(cgroup)
     }
 
+    /// Replaces the extra arguments a node's agent gets from its next start on.
+    pub fn set_agent_args(&mut self, index: u8, args: Vec<String>) -> anyhow::Result<()> {
+        self.node_mut(index)?.agent_args = args;
+        Ok(())
+    }
+
     /// Kills a node's agent with SIGKILL (no clean-up chance), as a crash would.
     pub fn kill_agent(&mut self, index: u8) -> anyhow::Result<()> {
         let node = self.node_mut(index)?;

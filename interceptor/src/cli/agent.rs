@@ -9,7 +9,7 @@ use clap::Args;
 use tracing::{info, warn};
 use tracing_subscriber::EnvFilter;
 
-use crate::{config::AgentConfig, limits, proxy::admission::TunnelLimits};
+use crate::{config::AgentConfig, kube::ClientSource, limits, proxy::admission::TunnelLimits};
 
 /// Run the node agent.
 ///
@@ -40,6 +40,13 @@ pub struct AgentArgs {
     /// Directory shared by all agents of the mesh, listing meshed workloads.
     #[arg(long, default_value = "/var/run/interceptor/mesh")]
     mesh_dir: PathBuf,
+    /// Kubernetes mode with the in-cluster service account: this node's pods are enrolled
+    /// and removed from the API server, and the mesh is read from it (not --mesh-dir).
+    #[arg(long)]
+    kubernetes: bool,
+    /// Kubernetes mode with this kubeconfig file instead of the in-cluster service account.
+    #[arg(long, value_name = "FILE")]
+    kubeconfig: Option<PathBuf>,
     /// Directory of PeerAuthentication files, loaded at start and watched for changes.
     #[arg(long)]
     policy_dir: Option<PathBuf>,
@@ -98,6 +105,8 @@ pub fn run(args: AgentArgs) -> anyhow::Result<()> {
         metrics_addr: args.metrics_addr,
         record_capacity: args.record_capacity as usize,
         cert_lifetime: Duration::from_secs(args.cert_lifetime_secs),
+        kubernetes: (args.kubernetes || args.kubeconfig.is_some())
+            .then(|| ClientSource::from_flag(args.kubeconfig.as_deref())),
         tunnel_limits,
     };
     tokio::runtime::Builder::new_multi_thread()

@@ -15,6 +15,8 @@
 //! | PeerAuthentication objects, absent CRD included | `peer_auth.rs` |
 //! | kubelet cgroup layouts, `/proc/PID/cgroup` | `cgroup.rs` |
 //! | a pod's network namespace from its cgroup | `podns.rs` |
+//! | the mesh from the enrolled pods, as the agent's `MeshSource` | `mesh_source.rs` |
+//! | the pod source: enrolls and removes this node's pods | `node_pods.rs` |
 //!
 //! Every API call this module makes is listed in [`API_CALLS`], from which the RBAC in
 //! `deploy/` is checked (tests/tests/manifests.rs), so the two cannot drift.
@@ -22,12 +24,16 @@
 pub mod cgroup;
 mod client;
 pub mod mesh;
+mod mesh_source;
+pub mod node_pods;
 mod objects;
 mod peer_auth;
 pub mod podns;
 mod watch;
 
 pub use client::{ApiClient, ClientError, ClientSource};
+pub use mesh_source::KubeMeshSource;
+pub use node_pods::NodePods;
 pub use objects::{
     EndpointInfo, EndpointSliceInfo, NamespaceInfo, PodInfo, PodPhase, QosClass, ServiceInfo,
     ServicePortInfo,
