@@ -53,7 +53,9 @@ fn daemonset_runs_the_agent_with_flags_it_accepts() -> anyhow::Result<()> {
     for flag in args.iter().skip(1) {
         let name = flag.split('=').next().unwrap_or(flag);
         ensure!(
-            help.contains(&format!("{name} ")) || help.contains(&format!("{name} <")),
+            help.contains(&format!("{name} "))
+                || help.contains(&format!("{name} <"))
+                || help.contains(&format!("{name}\n")),
             "agent does not accept {name}"
         );
     }
