@@ -144,3 +144,51 @@ fn pods_from_the_api_are_enrolled_meshed_over_mutual_tls_and_removed() -> anyhow
     wait_enrolled(&lab, 1, "sleep", true)?;
     Ok(())
 }
+
+#[test]
+fn a_restarted_agent_reconciles_its_saved_pods_with_the_api() -> anyhow::Result<()> {
+    let mut lab = Lab::new(LabOptions::default())?;
+    let node1 = lab.node(1)?;
+    let api_addr = (node1.underlay_ip, 6443).into();
+    let server = FakeApiServer::start_in_netns(&netns_path(&node1.netns), api_addr)
+        .context("the fake API server in node 1's namespace")?;
+    server.apply(namespace("shop", &[("interceptor.io/mesh", "enabled")]))?;
+    kubernetes_mode(&mut lab, &server)?;
+
+    let (web_pod, web_object) = kube_pod(&mut lab, 2, &new_uid(), "web", "web")?;
+    let (old_pod, old_object) = kube_pod(&mut lab, 2, &new_uid(), "old", "old")?;
+    for (pod, name) in [(&web_pod, "web"), (&old_pod, "old")] {
+        let mut sleeper = lab.in_pod(pod, "sleep")?;
+        sleeper.arg("600");
+        lab.spawn(sleeper)
+            .with_context(|| format!("a process in {name}"))?;
+    }
+    server.apply(web_object)?;
+    server.apply(old_object)?;
+    wait_enrolled(&lab, 2, "web", true)?;
+    wait_enrolled(&lab, 2, "old", true)?;
+
+    // While node 2's agent is down, one pod goes away and another arrives.
+    lab.kill_agent(2)?;
+    ensure!(server.delete(Kind::Pod, "shop", "old").is_some());
+    let (new_pod, new_object) = kube_pod(&mut lab, 2, &new_uid(), "new", "new")?;
+    let mut sleeper = lab.in_pod(&new_pod, "sleep")?;
+    sleeper.arg("600");
+    lab.spawn(sleeper)?;
+    server.apply(new_object)?;
+    lab.start_agent(2)?;
+
+    // The restarted agent keeps the pod that is still listed, forgets the gone one and
+    // enrolls the new one.
+    wait_enrolled(&lab, 2, "new", true)?;
+    wait_enrolled(&lab, 2, "old", false)?;
+    wait_enrolled(&lab, 2, "web", true)?;
+    let list: Vec<Value> = serde_json::from_str(&lab.cli_ok(2, &["workload", "list", "--json"])?)?;
+    let mut names: Vec<&str> = list
+        .iter()
+        .filter_map(|w| w["spec"]["name"].as_str())
+        .collect();
+    names.sort_unstable();
+    ensure!(names == ["new", "web"], "node 2 serves {names:?}");
+    Ok(())
+}
