@@ -23,8 +23,10 @@ pub struct AgentArgs {
     #[arg(long, env = "NODE_NAME")]
     node_name: String,
     /// The cgroup v2 directory holding this node's pods (e.g. /sys/fs/cgroup/kubepods.slice).
+    /// Required standalone; in Kubernetes mode it defaults to the kubelet's pods cgroup found
+    /// under the cgroup v2 mount (kubepods.slice, kubepods, or kind's nested layouts).
     #[arg(long)]
-    pods_cgroup: PathBuf,
+    pods_cgroup: Option<PathBuf>,
     /// Directory of the mesh CA made by `interceptor ca init`.
     #[arg(long)]
     ca_dir: PathBuf,
@@ -90,12 +92,17 @@ pub fn run(args: AgentArgs) -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     let tunnel_limits = tunnel_limits(&args, raise_open_file_limit());
+    let kubernetes = args.kubernetes || args.kubeconfig.is_some();
+    let pods_cgroup = pods_cgroup(args.pods_cgroup.clone(), kubernetes, || {
+        crate::cgroup::cgroup2_mount().context("finding the cgroup v2 mount in /proc/mounts")
+    })?;
+    info!(pods_cgroup = %pods_cgroup.display(), "capture attaches to the pods cgroup");
     let config = AgentConfig {
         bpf_dir: args
             .bpf_dir
             .unwrap_or_else(|| PathBuf::from("/sys/fs/bpf/interceptor").join(&args.node_name)),
         node_name: args.node_name,
-        pods_cgroup: args.pods_cgroup,
+        pods_cgroup,
         ca_dir: args.ca_dir,
         state_dir: args.state_dir,
         admin_socket: args.admin_socket,
@@ -105,8 +112,7 @@ pub fn run(args: AgentArgs) -> anyhow::Result<()> {
         metrics_addr: args.metrics_addr,
         record_capacity: args.record_capacity as usize,
         cert_lifetime: Duration::from_secs(args.cert_lifetime_secs),
-        kubernetes: (args.kubernetes || args.kubeconfig.is_some())
-            .then(|| ClientSource::from_flag(args.kubeconfig.as_deref())),
+        kubernetes: kubernetes.then(|| ClientSource::from_flag(args.kubeconfig.as_deref())),
         tunnel_limits,
     };
     tokio::runtime::Builder::new_multi_thread()
@@ -114,6 +120,27 @@ pub fn run(args: AgentArgs) -> anyhow::Result<()> {
         .build()
         .context("starting the async runtime")?
         .block_on(crate::app::run(config))
+}
+
+/// `--pods-cgroup` when given; in Kubernetes mode, else, the kubelet's pods cgroup found under
+/// the cgroup v2 mount. Standalone, the flag is required: there is no kubelet to look for.
+fn pods_cgroup(
+    flag: Option<PathBuf>,
+    kubernetes: bool,
+    cgroup2_mount: impl FnOnce() -> anyhow::Result<PathBuf>,
+) -> anyhow::Result<PathBuf> {
+    match (flag, kubernetes) {
+        (Some(dir), _) => Ok(dir),
+        (None, true) => {
+            let mount = cgroup2_mount()?;
+            let root = crate::kube::cgroup::detect_pods_root(&mount)
+                .context("--pods-cgroup is not given and no kubelet pods cgroup was found; pass --pods-cgroup")?;
+            Ok(root.dir)
+        }
+        (None, false) => anyhow::bail!(
+            "--pods-cgroup is required without --kubernetes/--kubeconfig: name the cgroup v2 directory that holds this node's pods"
+        ),
+    }
 }
 
 /// Raises the soft open-file limit to the hard one and says so; warns when it stays low.
@@ -162,5 +189,42 @@ fn tunnel_limits(args: &AgentArgs, nofile: u64) -> TunnelLimits {
         request_timeout: Duration::from_secs(args.tunnel_request_timeout_secs),
         max_pending,
         max_pending_per_source: (args.tunnel_max_pending_per_source as usize).min(max_pending),
+    }
+}
+
+#[cfg(test)]
+mod pods_cgroup_tests {
+    use super::*;
+
+    #[test]
+    fn the_flag_wins_detection_needs_kubernetes_mode() {
+        let dir = std::env::temp_dir().join(format!("icpt-pods-cgroup-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let given = PathBuf::from("/sys/fs/cgroup/custom.slice");
+        let never = || -> anyhow::Result<PathBuf> { panic!("the mount is not needed") };
+        assert_eq!(
+            pods_cgroup(Some(given.clone()), true, never).unwrap(),
+            given
+        );
+        assert_eq!(
+            pods_cgroup(Some(given.clone()), false, never).unwrap(),
+            given
+        );
+        let err = pods_cgroup(None, false, never).unwrap_err().to_string();
+        assert!(err.contains("--pods-cgroup is required"), "{err}");
+
+        // Kubernetes mode: the kubelet's layout under the mount is found, and its absence is
+        // a clear error.
+        std::fs::create_dir_all(&dir).unwrap();
+        let mount = || Ok(dir.clone());
+        let err = format!("{:#}", pods_cgroup(None, true, mount).unwrap_err());
+        assert!(err.contains("pass --pods-cgroup"), "{err}");
+        std::fs::create_dir_all(dir.join("kubepods.slice")).unwrap();
+        let mount = || Ok(dir.clone());
+        assert_eq!(
+            pods_cgroup(None, true, mount).unwrap(),
+            dir.join("kubepods.slice")
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }
