@@ -192,3 +192,67 @@ fn a_restarted_agent_reconciles_its_saved_pods_with_the_api() -> anyhow::Result<
     ensure!(names == ["new", "web"], "node 2 serves {names:?}");
     Ok(())
 }
+
+#[test]
+fn a_pod_that_opts_out_is_not_enrolled_and_opting_out_later_removes_and_unmarks_it()
+-> anyhow::Result<()> {
+    let mut lab = Lab::new(LabOptions::default())?;
+    let node1 = lab.node(1)?;
+    let api_addr = (node1.underlay_ip, 6443).into();
+    let server = FakeApiServer::start_in_netns(&netns_path(&node1.netns), api_addr)
+        .context("the fake API server in node 1's namespace")?;
+    server.apply(namespace("shop", &[("interceptor.io/mesh", "enabled")]))?;
+    kubernetes_mode(&mut lab, &server)?;
+
+    let (web_pod, web_object) = kube_pod(&mut lab, 2, &new_uid(), "web", "web")?;
+    let mut sleeper = lab.in_pod(&web_pod, "sleep")?;
+    sleeper.arg("600");
+    lab.spawn(sleeper)?;
+    let with_label = |value: &str| {
+        let mut object = web_object.clone();
+        object["metadata"]["labels"]["interceptor.io/mesh"] = value.into();
+        object
+    };
+    let marked = || {
+        server
+            .get(Kind::Pod, "shop", "web")
+            .is_some_and(|p| !p["metadata"]["annotations"]["interceptor.io/enrolled"].is_null())
+    };
+
+    // Opted out from the start, in a meshed namespace: never enrolled, never marked.
+    server.apply(with_label("disabled"))?;
+    std::thread::sleep(Duration::from_millis(1500));
+    wait_enrolled(&lab, 2, "web", false)?;
+    ensure!(!marked(), "an opted-out pod was marked enrolled");
+
+    // Opting in enrolls it; opting out again removes it and takes the mark away.
+    server.apply(with_label("enabled"))?;
+    wait_enrolled(&lab, 2, "web", true)?;
+    let deadline = Instant::now() + WITHIN;
+    while !marked() {
+        ensure!(Instant::now() < deadline, "the enrolled pod was not marked");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // Only the label changes: the object (read after it was marked) keeps the agent's mark
+    // until the agent takes it away.
+    let mut current = server
+        .get(Kind::Pod, "shop", "web")
+        .context("the pod object")?;
+    current["metadata"]["labels"]["interceptor.io/mesh"] = "disabled".into();
+    ensure!(
+        !current["metadata"]["annotations"]["interceptor.io/enrolled"].is_null(),
+        "{current}"
+    );
+    server.apply(current)?;
+    wait_enrolled(&lab, 2, "web", false)?;
+    let deadline = Instant::now() + WITHIN;
+    while marked() {
+        ensure!(
+            Instant::now() < deadline,
+            "the mark stayed after opting out: {:?}",
+            server.get(Kind::Pod, "shop", "web")
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(())
+}
