@@ -30,6 +30,20 @@ fn kubernetes_mode(lab: &mut Lab, server: &FakeApiServer) -> anyhow::Result<()> 
     Ok(())
 }
 
+/// A lab whose agents run in Kubernetes mode against a fake API server in node 1's namespace
+/// (on its underlay address, so both agents reach it over the fabric), with the meshed
+/// namespace `shop` already published.
+fn kubernetes_lab() -> anyhow::Result<(Lab, FakeApiServer)> {
+    let mut lab = Lab::new(LabOptions::default())?;
+    let node1 = lab.node(1)?;
+    let api_addr = (node1.underlay_ip, 6443).into();
+    let server = FakeApiServer::start_in_netns(&netns_path(&node1.netns), api_addr)
+        .context("the fake API server in node 1's namespace")?;
+    server.apply(namespace("shop", &[("interceptor.io/mesh", "enabled")]))?;
+    kubernetes_mode(&mut lab, &server)?;
+    Ok((lab, server))
+}
+
 /// A lab pod whose cgroup is where the kubelet (cgroupfs driver) puts a Guaranteed pod with
 /// this UID, with a process in it, and its Pod object (not applied yet).
 fn kube_pod(
@@ -47,6 +61,14 @@ fn kube_pod(
         .label("app", name);
     object.qos_class = "Guaranteed".into();
     Ok((lab_pod, object.to_json()))
+}
+
+/// Starts a long-lived process in `pod`, so the agent finds the pod's network namespace.
+fn keep_alive(lab: &mut Lab, pod: &Pod) -> anyhow::Result<()> {
+    let mut sleeper = lab.in_pod(pod, "sleep")?;
+    sleeper.arg("600");
+    lab.spawn(sleeper)?;
+    Ok(())
 }
 
 /// Waits until `node`'s workload list does (or does not) hold `name`; returns how long.
@@ -70,19 +92,11 @@ fn wait_enrolled(lab: &Lab, node: u8, name: &str, enrolled: bool) -> anyhow::Res
 
 #[test]
 fn pods_from_the_api_are_enrolled_meshed_over_mutual_tls_and_removed() -> anyhow::Result<()> {
-    let mut lab = Lab::new(LabOptions::default())?;
-    let node1 = lab.node(1)?;
-    let api_addr = (node1.underlay_ip, 6443).into();
-    let server = FakeApiServer::start_in_netns(&netns_path(&node1.netns), api_addr)
-        .context("the fake API server in node 1's namespace")?;
-    server.apply(namespace("shop", &[("interceptor.io/mesh", "enabled")]))?;
-    kubernetes_mode(&mut lab, &server)?;
+    let (mut lab, server) = kubernetes_lab()?;
 
     let (sleep_pod, sleep_object) = kube_pod(&mut lab, 1, &new_uid(), "sleep", "sleep")?;
     let (web_pod, web_object) = kube_pod(&mut lab, 2, &new_uid(), "web", "web")?;
-    let mut sleeper = lab.in_pod(&sleep_pod, "sleep")?;
-    sleeper.arg("600");
-    lab.spawn(sleeper)?;
+    keep_alive(&mut lab, &sleep_pod)?;
     start_fixture(&mut lab, &web_pod, "http", HTTP_PORT)?;
 
     // Added to the API: enrolled within 2 s, and marked enrolled on the object.
@@ -147,21 +161,12 @@ fn pods_from_the_api_are_enrolled_meshed_over_mutual_tls_and_removed() -> anyhow
 
 #[test]
 fn a_restarted_agent_reconciles_its_saved_pods_with_the_api() -> anyhow::Result<()> {
-    let mut lab = Lab::new(LabOptions::default())?;
-    let node1 = lab.node(1)?;
-    let api_addr = (node1.underlay_ip, 6443).into();
-    let server = FakeApiServer::start_in_netns(&netns_path(&node1.netns), api_addr)
-        .context("the fake API server in node 1's namespace")?;
-    server.apply(namespace("shop", &[("interceptor.io/mesh", "enabled")]))?;
-    kubernetes_mode(&mut lab, &server)?;
+    let (mut lab, server) = kubernetes_lab()?;
 
     let (web_pod, web_object) = kube_pod(&mut lab, 2, &new_uid(), "web", "web")?;
     let (old_pod, old_object) = kube_pod(&mut lab, 2, &new_uid(), "old", "old")?;
     for (pod, name) in [(&web_pod, "web"), (&old_pod, "old")] {
-        let mut sleeper = lab.in_pod(pod, "sleep")?;
-        sleeper.arg("600");
-        lab.spawn(sleeper)
-            .with_context(|| format!("a process in {name}"))?;
+        keep_alive(&mut lab, pod).with_context(|| format!("a process in {name}"))?;
     }
     server.apply(web_object)?;
     server.apply(old_object)?;
@@ -172,9 +177,7 @@ fn a_restarted_agent_reconciles_its_saved_pods_with_the_api() -> anyhow::Result<
     lab.kill_agent(2)?;
     ensure!(server.delete(Kind::Pod, "shop", "old").is_some());
     let (new_pod, new_object) = kube_pod(&mut lab, 2, &new_uid(), "new", "new")?;
-    let mut sleeper = lab.in_pod(&new_pod, "sleep")?;
-    sleeper.arg("600");
-    lab.spawn(sleeper)?;
+    keep_alive(&mut lab, &new_pod)?;
     server.apply(new_object)?;
     lab.start_agent(2)?;
 
@@ -196,18 +199,10 @@ fn a_restarted_agent_reconciles_its_saved_pods_with_the_api() -> anyhow::Result<
 #[test]
 fn a_pod_that_opts_out_is_not_enrolled_and_opting_out_later_removes_and_unmarks_it()
 -> anyhow::Result<()> {
-    let mut lab = Lab::new(LabOptions::default())?;
-    let node1 = lab.node(1)?;
-    let api_addr = (node1.underlay_ip, 6443).into();
-    let server = FakeApiServer::start_in_netns(&netns_path(&node1.netns), api_addr)
-        .context("the fake API server in node 1's namespace")?;
-    server.apply(namespace("shop", &[("interceptor.io/mesh", "enabled")]))?;
-    kubernetes_mode(&mut lab, &server)?;
+    let (mut lab, server) = kubernetes_lab()?;
 
     let (web_pod, web_object) = kube_pod(&mut lab, 2, &new_uid(), "web", "web")?;
-    let mut sleeper = lab.in_pod(&web_pod, "sleep")?;
-    sleeper.arg("600");
-    lab.spawn(sleeper)?;
+    keep_alive(&mut lab, &web_pod)?;
     let with_label = |value: &str| {
         let mut object = web_object.clone();
         object["metadata"]["labels"]["interceptor.io/mesh"] = value.into();
