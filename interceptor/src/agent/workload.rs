@@ -62,25 +62,8 @@ impl RunningWorkload {
 impl Enrolment for Agent {
     type Error = AgentError;
 
-    fn enroll(
-        &self,
-        spec: WorkloadSpec,
-    ) -> impl Future<Output = Result<WorkloadInfo, AgentError>> + Send {
-        self.add_workload(spec)
-    }
-
-    async fn remove(&self, key: WorkloadKey) -> Result<(), AgentError> {
-        self.remove_workload(&key).await
-    }
-
-    fn enrolled(&self) -> impl Future<Output = Vec<WorkloadInfo>> + Send {
-        self.list_workloads()
-    }
-}
-
-impl Agent {
-    /// Enrolls a pod: listeners in its namespace, certificate, capture, policy, directory.
-    async fn add_workload(&self, spec: WorkloadSpec) -> Result<WorkloadInfo, AgentError> {
+    /// Enrolls a pod: listeners in its namespace, certificate, capture, policy, mesh.
+    async fn enroll(&self, spec: WorkloadSpec) -> Result<WorkloadInfo, AgentError> {
         spec.validate()?;
         let mut workloads = self.workloads.lock().await;
         let key = spec.key();
@@ -96,11 +79,11 @@ impl Agent {
         Ok(info)
     }
 
-    /// Removes a pod: capture, door, listeners and directory entry.
-    async fn remove_workload(&self, key: &WorkloadKey) -> Result<(), AgentError> {
+    /// Removes a pod: capture, door, listeners, delivery routing and mesh entry.
+    async fn remove(&self, key: WorkloadKey) -> Result<(), AgentError> {
         let mut workloads = self.workloads.lock().await;
         let running = workloads
-            .remove(key)
+            .remove(&key)
             .ok_or_else(|| AgentError::NotEnrolled(key.clone()))?;
         self.stop_workload(&running);
         self.save_workloads(&workloads);
@@ -108,8 +91,7 @@ impl Agent {
         Ok(())
     }
 
-    /// Enrolled workloads.
-    async fn list_workloads(&self) -> Vec<WorkloadInfo> {
+    async fn enrolled(&self) -> Vec<WorkloadInfo> {
         self.workloads
             .lock()
             .await
@@ -117,7 +99,9 @@ impl Agent {
             .map(RunningWorkload::info)
             .collect()
     }
+}
 
+impl Agent {
     /// Re-enrolls the workloads saved by a previous run of the agent.
     pub(super) async fn restore_workloads(&self) {
         let specs: Vec<WorkloadSpec> = match std::fs::read(self.workloads_file()) {
