@@ -37,17 +37,24 @@ impl WorkloadSpec {
         }
     }
 
-    /// Checks the fields a user typed; the error names the field at fault.
+    /// Checks the fields a user typed against the names Kubernetes allows (a namespace is a
+    /// DNS label; a pod and a service account are DNS subdomains); the error names the field
+    /// at fault.
     pub fn validate(&self) -> Result<(), InvalidWorkload> {
-        for (field, value) in [
-            ("name", &self.name),
-            ("namespace", &self.namespace),
-            ("service account", &self.service_account),
+        for (field, value, rule) in [
+            ("name", &self.name, NameRule::DnsSubdomain),
+            ("namespace", &self.namespace, NameRule::DnsLabel),
+            (
+                "service account",
+                &self.service_account,
+                NameRule::DnsSubdomain,
+            ),
         ] {
-            if !is_dns_label(value) {
+            if !rule.allows(value) {
                 return Err(InvalidWorkload {
                     field,
                     value: value.clone(),
+                    rule,
                 });
             }
         }
@@ -55,16 +62,47 @@ impl WorkloadSpec {
     }
 }
 
-/// A workload field that is not a DNS label.
+/// The Kubernetes name rules a workload field follows.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NameRule {
+    /// RFC 1123 label: lowercase letters, digits and '-', 1 to 63 characters.
+    DnsLabel,
+    /// RFC 1123 subdomain: labels joined by '.', at most 253 characters.
+    DnsSubdomain,
+}
+
+impl NameRule {
+    fn allows(self, value: &str) -> bool {
+        match self {
+            Self::DnsLabel => is_dns_label(value),
+            Self::DnsSubdomain => value.len() <= 253 && value.split('.').all(is_dns_label),
+        }
+    }
+}
+
+impl fmt::Display for NameRule {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::DnsLabel => {
+                "a DNS label: lowercase letters, digits and '-', 1 to 63 characters"
+            }
+            Self::DnsSubdomain => {
+                "a DNS subdomain: DNS labels (lowercase letters, digits and '-', 1 to 63 characters) joined by '.', at most 253 characters"
+            }
+        })
+    }
+}
+
+/// A workload field that breaks its Kubernetes name rule.
 #[derive(Debug, thiserror::Error)]
-#[error(
-    "workload {field} {value:?} must be a DNS label: lowercase letters, digits and '-', 1 to 63 characters"
-)]
+#[error("workload {field} {value:?} must be {rule}")]
 pub struct InvalidWorkload {
     /// Which field.
     pub field: &'static str,
     /// What it held.
     pub value: String,
+    /// The rule it breaks.
+    pub rule: NameRule,
 }
 
 /// Where this node's workloads come from: the CLI through the admin socket today, the
@@ -183,11 +221,32 @@ mod tests {
     }
 
     #[test]
-    fn names_must_be_dns_labels() {
+    fn names_follow_the_kubernetes_rules() {
         assert!(spec("web-1").validate().is_ok());
         let err = spec("Web_1").validate().unwrap_err().to_string();
         assert!(err.contains("workload name \"Web_1\""), "{err}");
+        assert!(err.contains("DNS subdomain"), "{err}");
         assert!(spec("").validate().is_err());
         assert!(spec("-a").validate().is_err());
+        assert!(spec("a..b").validate().is_err());
+        assert!(spec("a.").validate().is_err());
+
+        // A pod name is a DNS subdomain: dots, and up to 253 characters.
+        let long = format!("{}.{}-7d9f8b6c5-x2k4p", "a".repeat(63), "b".repeat(40));
+        assert!(long.len() > 63);
+        assert!(spec(&long).validate().is_ok(), "{long}");
+        assert!(spec(&"a".repeat(254)).validate().is_err());
+        let mut dotted_account = spec("web");
+        dotted_account.service_account = "build.robot".into();
+        assert!(dotted_account.validate().is_ok());
+
+        // A namespace stays a DNS label.
+        let mut dotted = spec("web");
+        dotted.namespace = "a.b".into();
+        let err = dotted.validate().unwrap_err().to_string();
+        assert!(
+            err.contains("namespace") && err.contains("DNS label"),
+            "{err}"
+        );
     }
 }

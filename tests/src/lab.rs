@@ -94,6 +94,9 @@ pub struct LabOptions {
     /// Run every agent inside its node's pods cgroup, in a child cgroup `agent` (where a
     /// DaemonSet's agent is: its pod is under kubepods), instead of outside it.
     pub agents_in_pods_cgroup: bool,
+    /// The name of each node's pods cgroup: `kubepods.slice` or `kubepods` to lay the lab out
+    /// as the kubelet does under its systemd or cgroupfs driver.
+    pub pods_cgroup_name: &'static str,
 }
 
 impl Default for LabOptions {
@@ -104,6 +107,7 @@ impl Default for LabOptions {
             agent_args: Vec::new(),
             agent_nofile: None,
             agents_in_pods_cgroup: false,
+            pods_cgroup_name: "pods",
         }
     }
 }
@@ -166,7 +170,7 @@ impl Lab {
             } else {
                 ca.clone()
             };
-            self.add_node(index, &fabric, ca_dir, options.agent_args.clone())?;
+            self.add_node(index, &fabric, ca_dir, options)?;
             self.node_mut(index)?.agent_nofile = options.agent_nofile;
             if options.agents_in_pods_cgroup {
                 self.set_agent_cgroup(index, "agent")?;
@@ -199,7 +203,7 @@ impl Lab {
         index: u8,
         fabric: &str,
         ca_dir: PathBuf,
-        agent_args: Vec<String>,
+        options: &LabOptions,
     ) -> anyhow::Result<()> {
         let netns = self.netns_name(&format!("n{index}"));
         let underlay_ip = Ipv4Addr::new(198, 18, 0, 10 + index);
@@ -223,7 +227,10 @@ impl Lab {
         ip(&["-n", &netns, "link", "set", "lo", "up"])?;
         sysctl(&netns, "net/ipv4/ip_forward", "1")?;
         let node_dir = self.dir.join(format!("node-{index}"));
-        let pods_cgroup = self.cgroup_root.join(format!("node-{index}")).join("pods");
+        let pods_cgroup = self
+            .cgroup_root
+            .join(format!("node-{index}"))
+            .join(options.pods_cgroup_name);
         std::fs::create_dir_all(&pods_cgroup)?;
         let policy_dir = node_dir.join("policies");
         std::fs::create_dir_all(&policy_dir)?;
@@ -238,7 +245,7 @@ impl Lab {
             metrics_addr: format!("{underlay_ip}:15020"),
             ca_dir,
             agent_cgroup: None,
-            agent_args,
+            agent_args: options.agent_args.clone(),
             agent_nofile: None,
             state_dir: node_dir.join("state"),
             bpf_dir: Path::new(BPF_ROOT)

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, ensure};
 use interceptor_tests::{
     fake_apiserver::{
-        FakeApiServer, Kind,
+        FakeApiServer, Kind, Outage,
         objects::{namespace, new_uid, pod},
     },
     lab::{Lab, LabOptions, Pod, netns_path},
@@ -30,11 +30,25 @@ fn kubernetes_mode(lab: &mut Lab, server: &FakeApiServer) -> anyhow::Result<()> 
     Ok(())
 }
 
+/// How the kubelet lays out the pods cgroup (its `--cgroup-driver`).
+#[derive(Clone, Copy)]
+enum Driver {
+    Systemd,
+    Cgroupfs,
+}
+
 /// A lab whose agents run in Kubernetes mode against a fake API server in node 1's namespace
-/// (on its underlay address, so both agents reach it over the fabric), with the meshed
-/// namespace `shop` already published.
-fn kubernetes_lab() -> anyhow::Result<(Lab, FakeApiServer)> {
-    let mut lab = Lab::new(LabOptions::default())?;
+/// (on its underlay address, so both agents reach it over the fabric), with each node's pods
+/// cgroup named and laid out as the kubelet's under `driver`, and the meshed namespace `shop`
+/// already published.
+fn kubernetes_lab(driver: Driver) -> anyhow::Result<(Lab, FakeApiServer)> {
+    let mut lab = Lab::new(LabOptions {
+        pods_cgroup_name: match driver {
+            Driver::Systemd => "kubepods.slice",
+            Driver::Cgroupfs => "kubepods",
+        },
+        ..LabOptions::default()
+    })?;
     let node1 = lab.node(1)?;
     let api_addr = (node1.underlay_ip, 6443).into();
     let server = FakeApiServer::start_in_netns(&netns_path(&node1.netns), api_addr)
@@ -44,22 +58,46 @@ fn kubernetes_lab() -> anyhow::Result<(Lab, FakeApiServer)> {
     Ok((lab, server))
 }
 
-/// A lab pod whose cgroup is where the kubelet (cgroupfs driver) puts a Guaranteed pod with
-/// this UID, with a process in it, and its Pod object (not applied yet).
+/// Where the kubelet and the container runtime put a container of a pod, relative to the
+/// pods cgroup, spelled out by hand (not by the agent's code) so the test checks the agent's
+/// reading of it. On cgroup v2 the processes are in the container's cgroup, a child of the
+/// pod's.
+fn container_cgroup(driver: Driver, uid: &str, qos: &str) -> String {
+    let container = uid.replace('-', "").repeat(2);
+    match (driver, qos) {
+        (Driver::Systemd, "Guaranteed") => format!(
+            "kubepods-pod{}.slice/cri-containerd-{container}.scope",
+            uid.replace('-', "_")
+        ),
+        (Driver::Systemd, _) => {
+            let level = qos.to_lowercase();
+            format!(
+                "kubepods-{level}.slice/kubepods-{level}-pod{}.slice/cri-containerd-{container}.scope",
+                uid.replace('-', "_")
+            )
+        }
+        (Driver::Cgroupfs, "Guaranteed") => format!("pod{uid}/{container}"),
+        (Driver::Cgroupfs, _) => format!("{}/pod{uid}/{container}", qos.to_lowercase()),
+    }
+}
+
+/// A lab pod in the cgroup where the kubelet (under `driver`) puts a pod with this UID and
+/// QoS class, and its Pod object (not applied yet).
 fn kube_pod(
     lab: &mut Lab,
+    driver: Driver,
     node: u8,
-    uid: &str,
     name: &str,
-    service_account: &str,
+    qos: &str,
 ) -> anyhow::Result<(Pod, Value)> {
-    let lab_pod = lab.add_pod(node, &format!("pod{uid}"), "shop")?;
+    let uid = new_uid();
+    let lab_pod = lab.add_pod(node, &container_cgroup(driver, &uid, qos), "shop")?;
     let mut object = pod("shop", name, &format!("node-{node}"))
-        .uid(uid)
+        .uid(&uid)
         .ip(lab_pod.ip)
-        .service_account(service_account)
+        .service_account(name)
         .label("app", name);
-    object.qos_class = "Guaranteed".into();
+    object.qos_class = qos.into();
     Ok((lab_pod, object.to_json()))
 }
 
@@ -92,10 +130,10 @@ fn wait_enrolled(lab: &Lab, node: u8, name: &str, enrolled: bool) -> anyhow::Res
 
 #[test]
 fn pods_from_the_api_are_enrolled_meshed_over_mutual_tls_and_removed() -> anyhow::Result<()> {
-    let (mut lab, server) = kubernetes_lab()?;
+    let (mut lab, server) = kubernetes_lab(Driver::Systemd)?;
 
-    let (sleep_pod, sleep_object) = kube_pod(&mut lab, 1, &new_uid(), "sleep", "sleep")?;
-    let (web_pod, web_object) = kube_pod(&mut lab, 2, &new_uid(), "web", "web")?;
+    let (sleep_pod, sleep_object) = kube_pod(&mut lab, Driver::Systemd, 1, "sleep", "Burstable")?;
+    let (web_pod, web_object) = kube_pod(&mut lab, Driver::Systemd, 2, "web", "BestEffort")?;
     keep_alive(&mut lab, &sleep_pod)?;
     start_fixture(&mut lab, &web_pod, "http", HTTP_PORT)?;
 
@@ -161,10 +199,10 @@ fn pods_from_the_api_are_enrolled_meshed_over_mutual_tls_and_removed() -> anyhow
 
 #[test]
 fn a_restarted_agent_reconciles_its_saved_pods_with_the_api() -> anyhow::Result<()> {
-    let (mut lab, server) = kubernetes_lab()?;
+    let (mut lab, server) = kubernetes_lab(Driver::Systemd)?;
 
-    let (web_pod, web_object) = kube_pod(&mut lab, 2, &new_uid(), "web", "web")?;
-    let (old_pod, old_object) = kube_pod(&mut lab, 2, &new_uid(), "old", "old")?;
+    let (web_pod, web_object) = kube_pod(&mut lab, Driver::Systemd, 2, "web", "Guaranteed")?;
+    let (old_pod, old_object) = kube_pod(&mut lab, Driver::Systemd, 2, "old", "Burstable")?;
     for (pod, name) in [(&web_pod, "web"), (&old_pod, "old")] {
         keep_alive(&mut lab, pod).with_context(|| format!("a process in {name}"))?;
     }
@@ -176,7 +214,7 @@ fn a_restarted_agent_reconciles_its_saved_pods_with_the_api() -> anyhow::Result<
     // While node 2's agent is down, one pod goes away and another arrives.
     lab.kill_agent(2)?;
     ensure!(server.delete(Kind::Pod, "shop", "old").is_some());
-    let (new_pod, new_object) = kube_pod(&mut lab, 2, &new_uid(), "new", "new")?;
+    let (new_pod, new_object) = kube_pod(&mut lab, Driver::Systemd, 2, "new", "BestEffort")?;
     keep_alive(&mut lab, &new_pod)?;
     server.apply(new_object)?;
     lab.start_agent(2)?;
@@ -199,9 +237,10 @@ fn a_restarted_agent_reconciles_its_saved_pods_with_the_api() -> anyhow::Result<
 #[test]
 fn a_pod_that_opts_out_is_not_enrolled_and_opting_out_later_removes_and_unmarks_it()
 -> anyhow::Result<()> {
-    let (mut lab, server) = kubernetes_lab()?;
+    // The kubelet's other driver: plain cgroupfs directories.
+    let (mut lab, server) = kubernetes_lab(Driver::Cgroupfs)?;
 
-    let (web_pod, web_object) = kube_pod(&mut lab, 2, &new_uid(), "web", "web")?;
+    let (web_pod, web_object) = kube_pod(&mut lab, Driver::Cgroupfs, 2, "web", "Burstable")?;
     keep_alive(&mut lab, &web_pod)?;
     let with_label = |value: &str| {
         let mut object = web_object.clone();
@@ -249,5 +288,94 @@ fn a_pod_that_opts_out_is_not_enrolled_and_opting_out_later_removes_and_unmarks_
         );
         std::thread::sleep(Duration::from_millis(20));
     }
+    Ok(())
+}
+
+#[test]
+fn before_the_api_answers_a_restarted_agent_fails_closed_and_never_sends_plaintext()
+-> anyhow::Result<()> {
+    let (mut lab, server) = kubernetes_lab(Driver::Systemd)?;
+
+    let (sleep_pod, sleep_object) = kube_pod(&mut lab, Driver::Systemd, 1, "sleep", "Burstable")?;
+    let (web_pod, web_object) = kube_pod(&mut lab, Driver::Systemd, 2, "web", "Guaranteed")?;
+    keep_alive(&mut lab, &sleep_pod)?;
+    start_fixture(&mut lab, &web_pod, "http", HTTP_PORT)?;
+    server.apply(sleep_object)?;
+    server.apply(web_object)?;
+    wait_enrolled(&lab, 1, "sleep", true)?;
+    wait_enrolled(&lab, 2, "web", true)?;
+    let url = format!("http://{}:{HTTP_PORT}/", web_pod.ip);
+    let call = |lab: &Lab| -> anyhow::Result<bool> {
+        let out = curl(
+            lab.in_pod(&sleep_pod, "curl")?,
+            &url,
+            &["-o", "/dev/null", "--max-time", "2"],
+        )?;
+        Ok(out.status.success())
+    };
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !call(&lab)? {
+        ensure!(
+            Instant::now() < deadline,
+            "sleep → web never worked:\n{}",
+            lab.agent_log(1)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
+    // Node 1's agent restarts while the API server refuses every connection: it restores
+    // `sleep` from its saved state, so `sleep` is captured, but the agent cannot tell whether
+    // `web` is meshed. Every call fails, and none goes out in plaintext.
+    lab.kill_agent(1)?;
+    server.set_outage(Outage::Refuse);
+    lab.start_agent(1)?;
+    wait_enrolled(&lab, 1, "sleep", true)?;
+    let inbound_before = records(&lab, 2)?.len();
+    for attempt in 0..3 {
+        ensure!(
+            !call(&lab)?,
+            "call {attempt} went through while the API was down:\n{}",
+            lab.agent_log(1)
+        );
+    }
+    let outbound = records(&lab, 1)?;
+    let plaintext_allowed = |r: &Value| r["security"] == "plaintext" && r["verdict"] == "allowed";
+    ensure!(
+        !outbound.iter().any(plaintext_allowed),
+        "plaintext while the mesh was unknown: {outbound:#?}"
+    );
+    ensure!(
+        outbound.iter().any(|r| r["direction"] == "outbound"
+            && r["verdict"] == "failed"
+            && r["reason"]
+                .as_str()
+                .is_some_and(|why| why.contains("has not listed"))),
+        "the refused calls were not recorded as failed for an unknown mesh: {outbound:#?}"
+    );
+    let inbound = records(&lab, 2)?;
+    ensure!(
+        inbound.len() == inbound_before,
+        "web's node saw connections while node 1 could not tell: {inbound:#?}"
+    );
+
+    // Once the API answers again, the same call is mutual TLS.
+    server.set_outage(Outage::None);
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !call(&lab)? {
+        ensure!(
+            Instant::now() < deadline,
+            "sleep → web did not recover after the API came back:\n{}",
+            lab.agent_log(1)
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let outbound = records(&lab, 1)?;
+    ensure!(
+        outbound
+            .iter()
+            .any(|r| r["direction"] == "outbound" && r["security"] == "mutual_tls"),
+        "no mutual TLS after recovery: {outbound:#?}"
+    );
+    ensure!(!outbound.iter().any(plaintext_allowed), "{outbound:#?}");
     Ok(())
 }
