@@ -3,6 +3,7 @@
 
 pub mod bench;
 pub mod fake_apiserver;
+pub mod kube_lab;
 pub mod lab;
 pub mod pattern;
 pub mod scenario;

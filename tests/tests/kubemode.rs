@@ -7,133 +7,37 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, ensure};
 use interceptor_tests::{
-    fake_apiserver::{
-        FakeApiServer, Kind, Outage,
-        objects::{namespace, new_uid, pod},
-    },
-    lab::{Lab, LabOptions, Pod, netns_path},
+    fake_apiserver::{FakeApiServer, Kind, Outage},
+    kube_lab::{Driver, WITHIN, keep_alive, kube_pod, kubernetes_lab, wait_enrolled, wait_marked},
+    lab::{Lab, Pod},
     scenario::{curl, records, start_fixture},
 };
 use serde_json::Value;
 
-const WITHIN: Duration = Duration::from_secs(2);
 const HTTP_PORT: u16 = 8080;
 
-/// Restarts every agent of the lab in Kubernetes mode against `server`.
-fn kubernetes_mode(lab: &mut Lab, server: &FakeApiServer) -> anyhow::Result<()> {
-    let kubeconfig = server.kubeconfig().to_string_lossy().into_owned();
-    for index in 1..=2 {
-        lab.kill_agent(index)?;
-        lab.set_agent_args(index, vec!["--kubeconfig".into(), kubeconfig.clone()])?;
-        lab.start_agent(index)?;
-    }
-    Ok(())
+/// The lab for these tests: Kubernetes mode, with the meshed namespace `shop`.
+fn shop_lab(driver: Driver) -> anyhow::Result<(Lab, FakeApiServer)> {
+    kubernetes_lab(driver, &["shop"])
 }
 
-/// How the kubelet lays out the pods cgroup (its `--cgroup-driver`).
-#[derive(Clone, Copy)]
-enum Driver {
-    Systemd,
-    Cgroupfs,
-}
-
-/// A lab whose agents run in Kubernetes mode against a fake API server in node 1's namespace
-/// (on its underlay address, so both agents reach it over the fabric), with each node's pods
-/// cgroup named and laid out as the kubelet's under `driver`, and the meshed namespace `shop`
-/// already published.
-fn kubernetes_lab(driver: Driver) -> anyhow::Result<(Lab, FakeApiServer)> {
-    let mut lab = Lab::new(LabOptions {
-        pods_cgroup_name: match driver {
-            Driver::Systemd => "kubepods.slice",
-            Driver::Cgroupfs => "kubepods",
-        },
-        ..LabOptions::default()
-    })?;
-    let node1 = lab.node(1)?;
-    let api_addr = (node1.underlay_ip, 6443).into();
-    let server = FakeApiServer::start_in_netns(&netns_path(&node1.netns), api_addr)
-        .context("the fake API server in node 1's namespace")?;
-    server.apply(namespace("shop", &[("interceptor.io/mesh", "enabled")]))?;
-    kubernetes_mode(&mut lab, &server)?;
-    Ok((lab, server))
-}
-
-/// Where the kubelet and the container runtime put a container of a pod, relative to the
-/// pods cgroup, spelled out by hand (not by the agent's code) so the test checks the agent's
-/// reading of it. On cgroup v2 the processes are in the container's cgroup, a child of the
-/// pod's.
-fn container_cgroup(driver: Driver, uid: &str, qos: &str) -> String {
-    let container = uid.replace('-', "").repeat(2);
-    match (driver, qos) {
-        (Driver::Systemd, "Guaranteed") => format!(
-            "kubepods-pod{}.slice/cri-containerd-{container}.scope",
-            uid.replace('-', "_")
-        ),
-        (Driver::Systemd, _) => {
-            let level = qos.to_lowercase();
-            format!(
-                "kubepods-{level}.slice/kubepods-{level}-pod{}.slice/cri-containerd-{container}.scope",
-                uid.replace('-', "_")
-            )
-        }
-        (Driver::Cgroupfs, "Guaranteed") => format!("pod{uid}/{container}"),
-        (Driver::Cgroupfs, _) => format!("{}/pod{uid}/{container}", qos.to_lowercase()),
-    }
-}
-
-/// A lab pod in the cgroup where the kubelet (under `driver`) puts a pod with this UID and
-/// QoS class, and its Pod object (not applied yet).
-fn kube_pod(
+/// A pod in `shop`.
+fn shop_pod(
     lab: &mut Lab,
     driver: Driver,
     node: u8,
     name: &str,
     qos: &str,
 ) -> anyhow::Result<(Pod, Value)> {
-    let uid = new_uid();
-    let lab_pod = lab.add_pod(node, &container_cgroup(driver, &uid, qos), "shop")?;
-    let mut object = pod("shop", name, &format!("node-{node}"))
-        .uid(&uid)
-        .ip(lab_pod.ip)
-        .service_account(name)
-        .label("app", name);
-    object.qos_class = qos.into();
-    Ok((lab_pod, object.to_json()))
-}
-
-/// Starts a long-lived process in `pod`, so the agent finds the pod's network namespace.
-fn keep_alive(lab: &mut Lab, pod: &Pod) -> anyhow::Result<()> {
-    let mut sleeper = lab.in_pod(pod, "sleep")?;
-    sleeper.arg("600");
-    lab.spawn(sleeper)?;
-    Ok(())
-}
-
-/// Waits until `node`'s workload list does (or does not) hold `name`; returns how long.
-fn wait_enrolled(lab: &Lab, node: u8, name: &str, enrolled: bool) -> anyhow::Result<Duration> {
-    let start = Instant::now();
-    loop {
-        let list: Vec<Value> =
-            serde_json::from_str(&lab.cli_ok(node, &["workload", "list", "--json"])?)?;
-        let found = list.iter().any(|w| w["spec"]["name"] == name);
-        if found == enrolled {
-            return Ok(start.elapsed());
-        }
-        ensure!(
-            start.elapsed() < WITHIN,
-            "{name} enrolled={found} on node {node} after {WITHIN:?}:\n{}",
-            lab.agent_log(node)
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    kube_pod(lab, driver, node, "shop", name, qos)
 }
 
 #[test]
 fn pods_from_the_api_are_enrolled_meshed_over_mutual_tls_and_removed() -> anyhow::Result<()> {
-    let (mut lab, server) = kubernetes_lab(Driver::Systemd)?;
+    let (mut lab, server) = shop_lab(Driver::Systemd)?;
 
-    let (sleep_pod, sleep_object) = kube_pod(&mut lab, Driver::Systemd, 1, "sleep", "Burstable")?;
-    let (web_pod, web_object) = kube_pod(&mut lab, Driver::Systemd, 2, "web", "BestEffort")?;
+    let (sleep_pod, sleep_object) = shop_pod(&mut lab, Driver::Systemd, 1, "sleep", "Burstable")?;
+    let (web_pod, web_object) = shop_pod(&mut lab, Driver::Systemd, 2, "web", "BestEffort")?;
     keep_alive(&mut lab, &sleep_pod)?;
     start_fixture(&mut lab, &web_pod, "http", HTTP_PORT)?;
 
@@ -142,20 +46,12 @@ fn pods_from_the_api_are_enrolled_meshed_over_mutual_tls_and_removed() -> anyhow
     server.apply(web_object)?;
     wait_enrolled(&lab, 1, "sleep", true)?;
     wait_enrolled(&lab, 2, "web", true)?;
-    let deadline = Instant::now() + WITHIN;
-    while ["sleep", "web"].iter().any(|name| {
-        server.get(Kind::Pod, "shop", name).is_none_or(|p| {
-            p["metadata"]["annotations"]["interceptor.io/enrolled"]
-                != format!("spiffe://cluster.local/ns/shop/sa/{name}").as_str()
-        })
-    }) {
+    for name in ["sleep", "web"] {
+        let identity = wait_marked(&server, "shop", name)?;
         ensure!(
-            Instant::now() < deadline,
-            "pods not marked enrolled within {WITHIN:?}: {:?} {:?}",
-            server.get(Kind::Pod, "shop", "sleep"),
-            server.get(Kind::Pod, "shop", "web")
+            identity == format!("spiffe://cluster.local/ns/shop/sa/{name}"),
+            "{name} marked with {identity}"
         );
-        std::thread::sleep(Duration::from_millis(20));
     }
 
     // A call across nodes is mutual TLS, with the identities from the API.
@@ -199,10 +95,10 @@ fn pods_from_the_api_are_enrolled_meshed_over_mutual_tls_and_removed() -> anyhow
 
 #[test]
 fn a_restarted_agent_reconciles_its_saved_pods_with_the_api() -> anyhow::Result<()> {
-    let (mut lab, server) = kubernetes_lab(Driver::Systemd)?;
+    let (mut lab, server) = shop_lab(Driver::Systemd)?;
 
-    let (web_pod, web_object) = kube_pod(&mut lab, Driver::Systemd, 2, "web", "Guaranteed")?;
-    let (old_pod, old_object) = kube_pod(&mut lab, Driver::Systemd, 2, "old", "Burstable")?;
+    let (web_pod, web_object) = shop_pod(&mut lab, Driver::Systemd, 2, "web", "Guaranteed")?;
+    let (old_pod, old_object) = shop_pod(&mut lab, Driver::Systemd, 2, "old", "Burstable")?;
     for (pod, name) in [(&web_pod, "web"), (&old_pod, "old")] {
         keep_alive(&mut lab, pod).with_context(|| format!("a process in {name}"))?;
     }
@@ -214,7 +110,7 @@ fn a_restarted_agent_reconciles_its_saved_pods_with_the_api() -> anyhow::Result<
     // While node 2's agent is down, one pod goes away and another arrives.
     lab.kill_agent(2)?;
     ensure!(server.delete(Kind::Pod, "shop", "old").is_some());
-    let (new_pod, new_object) = kube_pod(&mut lab, Driver::Systemd, 2, "new", "BestEffort")?;
+    let (new_pod, new_object) = shop_pod(&mut lab, Driver::Systemd, 2, "new", "BestEffort")?;
     keep_alive(&mut lab, &new_pod)?;
     server.apply(new_object)?;
     lab.start_agent(2)?;
@@ -238,9 +134,9 @@ fn a_restarted_agent_reconciles_its_saved_pods_with_the_api() -> anyhow::Result<
 fn a_pod_that_opts_out_is_not_enrolled_and_opting_out_later_removes_and_unmarks_it()
 -> anyhow::Result<()> {
     // The kubelet's other driver: plain cgroupfs directories.
-    let (mut lab, server) = kubernetes_lab(Driver::Cgroupfs)?;
+    let (mut lab, server) = shop_lab(Driver::Cgroupfs)?;
 
-    let (web_pod, web_object) = kube_pod(&mut lab, Driver::Cgroupfs, 2, "web", "Burstable")?;
+    let (web_pod, web_object) = shop_pod(&mut lab, Driver::Cgroupfs, 2, "web", "Burstable")?;
     keep_alive(&mut lab, &web_pod)?;
     let with_label = |value: &str| {
         let mut object = web_object.clone();
@@ -262,11 +158,7 @@ fn a_pod_that_opts_out_is_not_enrolled_and_opting_out_later_removes_and_unmarks_
     // Opting in enrolls it; opting out again removes it and takes the mark away.
     server.apply(with_label("enabled"))?;
     wait_enrolled(&lab, 2, "web", true)?;
-    let deadline = Instant::now() + WITHIN;
-    while !marked() {
-        ensure!(Instant::now() < deadline, "the enrolled pod was not marked");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_marked(&server, "shop", "web")?;
     // Only the label changes: the object (read after it was marked) keeps the agent's mark
     // until the agent takes it away.
     let mut current = server
@@ -294,10 +186,10 @@ fn a_pod_that_opts_out_is_not_enrolled_and_opting_out_later_removes_and_unmarks_
 #[test]
 fn before_the_api_answers_a_restarted_agent_fails_closed_and_never_sends_plaintext()
 -> anyhow::Result<()> {
-    let (mut lab, server) = kubernetes_lab(Driver::Systemd)?;
+    let (mut lab, server) = shop_lab(Driver::Systemd)?;
 
-    let (sleep_pod, sleep_object) = kube_pod(&mut lab, Driver::Systemd, 1, "sleep", "Burstable")?;
-    let (web_pod, web_object) = kube_pod(&mut lab, Driver::Systemd, 2, "web", "Guaranteed")?;
+    let (sleep_pod, sleep_object) = shop_pod(&mut lab, Driver::Systemd, 1, "sleep", "Burstable")?;
+    let (web_pod, web_object) = shop_pod(&mut lab, Driver::Systemd, 2, "web", "Guaranteed")?;
     keep_alive(&mut lab, &sleep_pod)?;
     start_fixture(&mut lab, &web_pod, "http", HTTP_PORT)?;
     server.apply(sleep_object)?;

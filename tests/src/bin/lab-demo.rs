@@ -4,17 +4,40 @@
 //! A caller outside the mesh (a process on node 1, not in any pod) calls the tracker in
 //! plaintext: accepted under PERMISSIVE, reset under STRICT, accepted again once the policy is
 //! deleted. The meshed pod keeps working over mutual TLS throughout.
+//!
+//! With `--kubernetes` the same cast comes from the lab's API server: the agents run in
+//! Kubernetes mode, the pods are objects in namespaces labelled for the mesh, and the agents
+//! enroll, mark and remove them by themselves.
 
 use std::{path::Path, process::Stdio, time::Instant};
 
-use anyhow::Context;
+use anyhow::{Context, bail};
 use interceptor_tests::{
+    fake_apiserver::Kind,
+    kube_lab::{
+        Driver, ENROLLED, keep_alive, kube_pod, kubernetes_lab, wait_enrolled, wait_marked,
+    },
     lab::{Lab, Pod},
-    scenario::walkthrough_lab,
+    scenario::{start_fixture, walkthrough_lab},
 };
+use serde_json::Value;
 
 fn main() -> anyhow::Result<()> {
-    let policy_file = Path::new(env!("CARGO_MANIFEST_DIR")).join("../policies/mesh-strict.yaml");
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    match args.iter().map(String::as_str).collect::<Vec<_>>()[..] {
+        [] => standalone(),
+        ["--kubernetes"] => kubernetes(),
+        _ => bail!("usage: lab-demo [--kubernetes]; got {args:?}"),
+    }
+}
+
+fn policy_file() -> std::path::PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../policies/mesh-strict.yaml")
+}
+
+/// The walkthrough with pods enrolled through the CLI (standalone mode).
+fn standalone() -> anyhow::Result<()> {
+    let policy_file = policy_file();
     banner("Building the lab: two nodes, one agent each, pods in their own namespaces and cgroups");
     let (lab, sleep, tracker) = walkthrough_lab()?;
     println!("{}", lab.cli_ok(1, &["workload", "list"])?);
@@ -24,15 +47,114 @@ fn main() -> anyhow::Result<()> {
     banner(
         "1. The meshed sleep pod calls the tracker: app -> agent 1 -> mutual TLS -> agent 2 -> app",
     );
-    call(&lab, Caller::Pod(&sleep), &url)?;
+    call(&lab, Caller::Pod(&sleep, "sleep"), &url)?;
     show_status(&lab, 1)?;
 
     banner("2. PERMISSIVE (no policy): a caller outside the mesh is accepted in plaintext");
     call(&lab, Caller::Outside, &url)?;
     show_status(&lab, 2)?;
 
-    banner("3. interceptor policy apply policies/mesh-strict.yaml: plaintext is refused");
-    println!("{}", std::fs::read_to_string(&policy_file)?);
+    strict_then_permissive(&lab, &sleep, &url, &policy_file, 3)?;
+
+    banner("Done; the lab is torn down.");
+    Ok(())
+}
+
+/// The walkthrough in Kubernetes mode: objects in, mutual TLS out.
+fn kubernetes() -> anyhow::Result<()> {
+    banner(
+        "Kubernetes mode: both agents run with --kubeconfig against the lab's API server; \
+         pods live in kubelet-shaped cgroups (systemd driver)",
+    );
+    let (mut lab, server) = kubernetes_lab(Driver::Systemd, &["foo", "vehicles"])?;
+    let (sleep, sleep_object) =
+        kube_pod(&mut lab, Driver::Systemd, 1, "foo", "sleep", "Burstable")?;
+    let (tracker, tracker_object) = kube_pod(
+        &mut lab,
+        Driver::Systemd,
+        2,
+        "vehicles",
+        "position-tracker",
+        "BestEffort",
+    )?;
+    keep_alive(&mut lab, &sleep)?;
+    start_fixture(&mut lab, &tracker, "http", 8080)?;
+    println!("{}", lab.cli_ok(1, &["workload", "list"])?);
+    println!("No pod is enrolled yet: nothing was added through the CLI.\n");
+
+    banner("1. kubectl apply: namespaces foo and vehicles carry interceptor.io/mesh=enabled");
+    for object in [&sleep_object, &tracker_object] {
+        describe_pod(object);
+        server.apply(object.clone())?;
+    }
+    for (node, namespace, name) in [(1, "foo", "sleep"), (2, "vehicles", "position-tracker")] {
+        let took = wait_enrolled(&lab, node, name, true)?;
+        let identity = wait_marked(&server, namespace, name)?;
+        println!(
+            "node-{node}'s agent enrolled {}/{name} in {} ms and annotated it {ENROLLED}={identity}",
+            namespace,
+            took.as_millis()
+        );
+    }
+    println!();
+    println!("{}", lab.cli_ok(1, &["workload", "list"])?);
+    println!("{}", lab.cli_ok(2, &["workload", "list"])?);
+    let url = format!("http://{}:8080/vehicles/", tracker.ip);
+
+    banner("2. sleep calls the tracker: mutual TLS, with the identities the API gave");
+    call(&lab, Caller::Pod(&sleep, "sleep"), &url)?;
+    show_status(&lab, 1)?;
+
+    banner("3. PERMISSIVE (no policy): a caller outside the mesh is accepted in plaintext");
+    call(&lab, Caller::Outside, &url)?;
+    show_status(&lab, 2)?;
+
+    strict_then_permissive(&lab, &sleep, &url, &policy_file(), 4)?;
+
+    banner("6. kubectl delete pod position-tracker: node-2's agent removes it by itself");
+    server
+        .delete(Kind::Pod, "vehicles", "position-tracker")
+        .context("the tracker's object")?;
+    let took = wait_enrolled(&lab, 2, "position-tracker", false)?;
+    println!("removed in {} ms", took.as_millis());
+    println!("{}", lab.cli_ok(2, &["workload", "list"])?);
+
+    banner("Done; the lab and its API server are torn down.");
+    Ok(())
+}
+
+/// One line per pod object, as `kubectl get pod -o wide` would show it.
+fn describe_pod(object: &Value) {
+    let text = |pointer: &str| {
+        object
+            .pointer(pointer)
+            .and_then(Value::as_str)
+            .unwrap_or("-")
+    };
+    println!(
+        "$ kubectl apply -f -    # Pod {}/{} on {}: IP {}, serviceAccount {}, QoS {}",
+        text("/metadata/namespace"),
+        text("/metadata/name"),
+        text("/spec/nodeName"),
+        text("/status/podIP"),
+        text("/spec/serviceAccountName"),
+        text("/status/qosClass"),
+    );
+}
+
+/// Steps `first` and `first + 1` of both walkthroughs: the mesh-wide STRICT policy refuses
+/// the outside caller while the meshed pod gets through; deleting it lets the caller in again.
+fn strict_then_permissive(
+    lab: &Lab,
+    sleep: &Pod,
+    url: &str,
+    policy_file: &Path,
+    first: u8,
+) -> anyhow::Result<()> {
+    banner(&format!(
+        "{first}. interceptor policy apply policies/mesh-strict.yaml: plaintext is refused"
+    ));
+    println!("{}", std::fs::read_to_string(policy_file)?);
     println!(
         "{}",
         lab.cli_ok(
@@ -41,33 +163,35 @@ fn main() -> anyhow::Result<()> {
         )?
     );
     println!("{}", lab.cli_ok(2, &["policy", "list"])?);
-    call(&lab, Caller::Outside, &url)?;
+    call(lab, Caller::Outside, url)?;
     println!("...while the meshed pod still gets through over mutual TLS:");
-    call(&lab, Caller::Pod(&sleep), &url)?;
-    show_status(&lab, 2)?;
+    call(lab, Caller::Pod(sleep, "sleep"), url)?;
+    show_status(lab, 2)?;
 
-    banner("4. interceptor policy delete default -n istio-system: back to PERMISSIVE");
+    banner(&format!(
+        "{}. interceptor policy delete default -n istio-system: back to PERMISSIVE",
+        first + 1
+    ));
     println!(
         "{}",
         lab.cli_ok(2, &["policy", "delete", "default", "-n", "istio-system"])?
     );
-    call(&lab, Caller::Outside, &url)?;
-    show_status(&lab, 2)?;
-
-    banner("Done; the lab is torn down.");
+    call(lab, Caller::Outside, url)?;
+    show_status(lab, 2)?;
     Ok(())
 }
 
 enum Caller<'a> {
-    Pod(&'a Pod),
+    /// A pod, and its name.
+    Pod(&'a Pod, &'a str),
     Outside,
 }
 
 fn call(lab: &Lab, caller: Caller<'_>, url: &str) -> anyhow::Result<()> {
     let (mut command, who) = match caller {
-        Caller::Pod(pod) => (
+        Caller::Pod(pod, name) => (
             lab.in_pod(pod, "curl")?,
-            format!("pod {}/{}", pod.namespace, pod.name),
+            format!("pod {}/{name}", pod.namespace),
         ),
         Caller::Outside => (
             lab.on_node(1, "curl")?,
