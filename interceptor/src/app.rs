@@ -26,12 +26,13 @@ use crate::{
     directory::MeshDirectory,
     ebpf::{Kernel, LoadedKernel},
     identity::Ca,
-    kube::{ApiClient, KubeMeshSource, NodePods, cgroup::PodsRoot},
+    kube::{ApiClient, KubeMeshSource, KubeServices, NodePods, cgroup::PodsRoot},
     limits::FdReserve,
     mesh::{Mesh, MeshSource},
     metrics::{self, MetricsSources},
     proxy::{ProxyShared, admission::Admission},
     records::RecordStore,
+    services::{NoServices, ServiceSource},
 };
 
 /// How often the mesh view is re-read whole, to see other nodes' withdrawals and changes
@@ -63,11 +64,16 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
         Some(client) => Arc::new(KubeMeshSource::start(client, ca.trust_domain())),
         None => Arc::new(MeshDirectory::open(&config.mesh_dir).context("--mesh-dir")?),
     };
+    let services: Arc<dyn ServiceSource> = match &kube {
+        Some(client) => Arc::new(KubeServices::start(client)),
+        None => Arc::new(NoServices),
+    };
     let mesh = Arc::new(Mesh::new(source));
     let admission = Admission::new(config.tunnel_limits);
     let shared = Arc::new(ProxyShared {
         original_dsts,
         mesh: mesh.clone(),
+        services,
         records: records.clone(),
         admission: admission.clone(),
         fd_reserve: FdReserve::new().context("opening the reserve descriptor")?,

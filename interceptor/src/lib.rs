@@ -30,6 +30,7 @@ pub mod netns;
 pub mod policy;
 pub mod proxy;
 pub mod records;
+pub mod services;
 pub mod status;
 pub mod sync;
 pub mod tls;

@@ -98,7 +98,7 @@ pub fn render(
         for (labels, counters) in &metrics.edges {
             let _ = writeln!(
                 out,
-                "{name}{{reporter=\"{}\",source_workload=\"{}\",source_workload_namespace=\"{}\",source_principal=\"{}\",destination_workload=\"{}\",destination_workload_namespace=\"{}\",destination_principal=\"{}\",connection_security_policy=\"{}\"}} {}",
+                "{name}{{reporter=\"{}\",source_workload=\"{}\",source_workload_namespace=\"{}\",source_principal=\"{}\",destination_workload=\"{}\",destination_workload_namespace=\"{}\",destination_principal=\"{}\",destination_service=\"{}\",destination_service_name=\"{}\",destination_service_namespace=\"{}\",connection_security_policy=\"{}\"}} {}",
                 labels.reporter,
                 escape(&labels.source_workload),
                 escape(&labels.source_workload_namespace),
@@ -106,6 +106,9 @@ pub fn render(
                 escape(&labels.destination_workload),
                 escape(&labels.destination_workload_namespace),
                 escape(&labels.destination_principal),
+                escape(&labels.destination_service),
+                escape(&labels.destination_service_name),
+                escape(&labels.destination_service_namespace),
                 labels.connection_security_policy,
                 value(counters)
             );

@@ -21,7 +21,7 @@ use std::{
 use serde::{Deserialize, Serialize};
 use tokio::sync::broadcast;
 
-use crate::workloads::WorkloadKey;
+use crate::{services::ServiceKey, workloads::WorkloadKey};
 
 /// Which side of the pod the connection is on.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -72,6 +72,10 @@ pub struct Connection {
     pub destination_identity: Option<String>,
     /// Destination workload when it is in the mesh.
     pub destination_workload: Option<WorkloadKey>,
+    /// The Service the caller addressed (its ClusterIP, or a headless Service's endpoint),
+    /// when the agent knows Services (Kubernetes mode).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub destination_service: Option<ServiceKey>,
     /// mutual_tls or plaintext.
     pub security: Security,
 }
@@ -184,6 +188,12 @@ pub struct EdgeLabels {
     pub destination_workload_namespace: String,
     /// Destination SPIFFE identity or `unknown`.
     pub destination_principal: String,
+    /// The Service's host (`<name>.<namespace>.svc.cluster.local`) or `unknown`.
+    pub destination_service: String,
+    /// The Service's name or `unknown`.
+    pub destination_service_name: String,
+    /// The Service's namespace or `unknown`.
+    pub destination_service_namespace: String,
     /// `mutual_tls` or `unknown` (plaintext), as Istio reports it.
     pub connection_security_policy: &'static str,
 }
@@ -572,6 +582,7 @@ fn edge_labels(record: &ConnectionRecord) -> EdgeLabels {
         workload_labels(record.connection.source_workload.as_ref());
     let (destination_workload, destination_workload_namespace) =
         workload_labels(record.connection.destination_workload.as_ref());
+    let service = record.connection.destination_service.as_ref();
     EdgeLabels {
         reporter: match record.connection.direction {
             Direction::Inbound => "destination",
@@ -591,6 +602,9 @@ fn edge_labels(record: &ConnectionRecord) -> EdgeLabels {
             .destination_identity
             .clone()
             .unwrap_or_else(unknown),
+        destination_service: service.map_or_else(unknown, ServiceKey::host),
+        destination_service_name: service.map_or_else(unknown, |s| s.name.clone()),
+        destination_service_namespace: service.map_or_else(unknown, |s| s.namespace.clone()),
         connection_security_policy: match record.connection.security {
             Security::MutualTls => "mutual_tls",
             Security::Plaintext => "unknown",
@@ -654,6 +668,7 @@ mod tests {
                 namespace: "default".into(),
                 name: "web".into(),
             }),
+            destination_service: None,
             security: Security::Plaintext,
         }
     }

@@ -59,6 +59,7 @@ async fn record(agent: &Agent, event: &KernelEvent, open_plaintext: &mut HashMap
         destination: SocketAddr::V4(SocketAddrV4::new(local, event.local_port)),
         destination_identity: Some(workload.identity),
         destination_workload: Some(workload.key),
+        destination_service: None,
         security: Security::Plaintext,
     };
     let records = agent.records();

@@ -17,6 +17,7 @@
 //! | a pod's network namespace from its cgroup | `podns.rs` |
 //! | the mesh from the enrolled pods, as the agent's `MeshSource` | `mesh_source.rs` |
 //! | the pod source: enrolls and removes this node's pods | `node_pods.rs` |
+//! | a Service's ClusterIP and port → its ready backends | `services.rs` |
 //!
 //! Every API call this module makes is listed in [`API_CALLS`], from which the RBAC in
 //! `deploy/` is checked (tests/tests/manifests.rs), so the two cannot drift.
@@ -29,6 +30,7 @@ pub mod node_pods;
 mod objects;
 mod peer_auth;
 pub mod podns;
+mod services;
 mod watch;
 
 pub use client::{ApiClient, ClientError, ClientSource};
@@ -39,6 +41,7 @@ pub use objects::{
     ServicePortInfo,
 };
 pub use peer_auth::{ABSENT_RECHECK, PeerAuthError, PeerAuthentications, RawPeerAuthentication};
+pub use services::KubeServices;
 pub use watch::{View, Watch, WatchObject, WatchStatus};
 
 /// One kind of object the agent reads or writes, with the verbs it uses on it.

@@ -71,6 +71,7 @@ pub(super) fn tunnel_connection(peer: SocketAddr, pod: &PodProxy) -> Connection 
         destination: SocketAddr::V4(SocketAddrV4::new(pod.ip, interceptor_common::TUNNEL_PORT)),
         destination_identity: Some(pod.identity.to_string()),
         destination_workload: Some(pod.workload.clone()),
+        destination_service: None,
         security: Security::MutualTls,
     }
 }

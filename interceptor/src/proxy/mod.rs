@@ -35,6 +35,7 @@ use crate::{
     mesh::{Membership, Mesh},
     netns::PodNetns,
     records::{Connection, Direction, RecordStore, Security, Verdict},
+    services::ServiceSource,
     tls::PodTls,
     workloads::WorkloadKey,
 };
@@ -59,6 +60,8 @@ pub struct ProxyShared {
     pub original_dsts: OriginalDsts,
     /// Which destinations are in the mesh.
     pub mesh: Arc<Mesh>,
+    /// Which destinations are Services' virtual addresses, and their backends.
+    pub services: Arc<dyn ServiceSource>,
     /// Where connections are recorded.
     pub records: Arc<RecordStore>,
     /// Caps and deadlines for unauthenticated tunnel connections.
@@ -175,6 +178,7 @@ fn refused_for_lack_of_descriptors(
                 destination: SocketAddr::V4(destination),
                 destination_identity: None,
                 destination_workload: None,
+                destination_service: None,
                 security: if meshed {
                     Security::MutualTls
                 } else {

@@ -4,6 +4,13 @@
 //! over mutual TLS to its agent's tunnel port, and only that way; a destination outside the
 //! mesh is reached in plaintext. Sockets to the destination are made in the pod's network
 //! namespace, so they leave with the pod's address.
+//!
+//! A Service's virtual address ([`crate::services`]) is resolved here first: its meshed ready
+//! backends are tried in turn ([`MAX_BACKEND_ATTEMPTS`]), each over mutual TLS at its own
+//! address and target port, with its own identity checked. A Service whose backends are all
+//! outside the mesh is reached in plaintext at the address the caller asked for, which the
+//! node's kube-proxy serves; one with a backend the mesh cannot vouch for, and no meshed one
+//! that answers, fails, and is never downgraded to plaintext.
 
 use std::{
     net::{SocketAddr, SocketAddrV4},
@@ -22,6 +29,7 @@ use super::{
 use crate::{
     mesh::{Membership, MeshPeer},
     records::{Connection, Direction, Security, Verdict},
+    services::{ServiceKey, ServiceLookup},
     tls,
 };
 
@@ -38,56 +46,151 @@ pub(super) async fn handle(
         relay::reset(&client);
         return;
     };
-    let ip = *destination.ip();
     let source = SocketAddr::V4(SocketAddrV4::new(pod.ip, peer.port()));
-    match shared.mesh.resolve(ip).await {
-        Membership::Meshed(peer) => {
-            mutual_tls(&mut client, source, destination, &peer, &pod, &shared).await
+    let target = Target {
+        source,
+        destination,
+        service: None,
+    };
+    match shared.services.lookup(destination) {
+        ServiceLookup::NotAService => {
+            let target = Target {
+                service: shared.services.headless_service_of(destination),
+                ..target
+            };
+            to_address(&mut client, target, &pod, &shared).await;
         }
-        Membership::Outside => plaintext(&mut client, source, destination, &pod, &shared).await,
-        Membership::Unknown(why) => {
-            // Fail closed: a destination the mesh cannot vouch for is not sent plaintext.
-            let conn = new_connection(source, destination, &pod, None, Security::MutualTls);
+        ServiceLookup::Service { service, backends } => {
+            let target = Target {
+                service: Some(service),
+                ..target
+            };
+            to_service(&mut client, target, backends, &pod, &shared).await;
+        }
+        ServiceLookup::Unknown(why) => fail_closed(&client, target, &why, &pod, &shared),
+    }
+}
+
+/// Where a connection goes, as the caller asked: what its record says.
+struct Target {
+    /// The caller, with the pod's address.
+    source: SocketAddr,
+    /// The original destination.
+    destination: SocketAddrV4,
+    /// The Service the destination belongs to, when it is one's.
+    service: Option<ServiceKey>,
+}
+
+/// At most this many meshed backends of a Service are tried for one connection: each failed
+/// attempt costs the caller up to a handshake deadline.
+pub const MAX_BACKEND_ATTEMPTS: usize = 3;
+
+/// A destination that is not a Service's virtual address: a pod or anything outside.
+async fn to_address(client: &mut TcpStream, target: Target, pod: &PodProxy, shared: &ProxyShared) {
+    match shared.mesh.resolve(*target.destination.ip()).await {
+        Membership::Meshed(peer) => {
+            let conn = new_connection(&target, pod, Some(&peer), Security::MutualTls);
+            match tunnel_within_deadline(target.destination, &peer, pod, shared).await {
+                Ok(mut tunnel) => {
+                    relay::carry(shared.records.open(conn), client, &mut tunnel).await;
+                }
+                Err(reason) => {
+                    debug!(workload = %pod.workload, destination = %target.destination, "tunnel failed: {reason}");
+                    shared.records.refused(conn, Verdict::Failed, reason);
+                    relay::reset(client);
+                }
+            }
+        }
+        Membership::Outside => plaintext(client, &target, pod, shared).await,
+        Membership::Unknown(why) => fail_closed(client, target, &why, pod, shared),
+    }
+}
+
+/// A Service's virtual address: its meshed backends over mutual TLS, in turn; plaintext to
+/// the virtual address only when every backend is outside the mesh.
+async fn to_service(
+    client: &mut TcpStream,
+    target: Target,
+    backends: Vec<SocketAddrV4>,
+    pod: &PodProxy,
+    shared: &ProxyShared,
+) {
+    let mut failures = Vec::new();
+    let mut unknown = None;
+    let mut attempts = 0;
+    for backend in backends {
+        let peer = match shared.mesh.resolve(*backend.ip()).await {
+            Membership::Meshed(peer) => peer,
+            Membership::Outside => continue,
+            Membership::Unknown(why) => {
+                unknown.get_or_insert(format!("backend {backend}: {why}"));
+                continue;
+            }
+        };
+        if attempts == MAX_BACKEND_ATTEMPTS {
+            break;
+        }
+        attempts += 1;
+        match tunnel_within_deadline(backend, &peer, pod, shared).await {
+            Ok(mut tunnel) => {
+                let conn = new_connection(&target, pod, Some(&peer), Security::MutualTls);
+                relay::carry(shared.records.open(conn), client, &mut tunnel).await;
+                return;
+            }
+            Err(reason) => {
+                debug!(workload = %pod.workload, %backend, "backend failed, trying the next: {reason}");
+                failures.push(format!("backend {backend} ({}): {reason}", peer.workload));
+            }
+        }
+    }
+    match (failures.is_empty(), unknown) {
+        // Every backend is outside the mesh (or there is none): kube-proxy's business.
+        (true, None) => plaintext(client, &target, pod, shared).await,
+        (true, Some(why)) => fail_closed(client, target, &why, pod, shared),
+        (false, _) => {
+            let conn = new_connection(&target, pod, None, Security::MutualTls);
             shared
                 .records
-                .refused(conn, Verdict::Failed, why.to_string());
-            relay::reset(&client);
+                .refused(conn, Verdict::Failed, failures.join("; "));
+            relay::reset(client);
         }
     }
 }
 
-async fn mutual_tls(
-    client: &mut TcpStream,
-    source: SocketAddr,
+/// Fails a connection whose destination the agent cannot vouch for: it is not sent
+/// plaintext.
+fn fail_closed(
+    client: &TcpStream,
+    target: Target,
+    why: &str,
+    pod: &PodProxy,
+    shared: &ProxyShared,
+) {
+    let conn = new_connection(&target, pod, None, Security::MutualTls);
+    shared
+        .records
+        .refused(conn, Verdict::Failed, why.to_owned());
+    relay::reset(client);
+}
+
+/// [`open_tunnel`], bounded: the destination agent answers within its own deadlines; this
+/// one bounds an agent that does not answer at all.
+async fn tunnel_within_deadline(
     destination: SocketAddrV4,
     peer: &MeshPeer,
     pod: &PodProxy,
     shared: &ProxyShared,
-) {
-    let conn = new_connection(source, destination, pod, Some(peer), Security::MutualTls);
-    // The destination agent answers within its own deadlines; this one bounds an agent that
-    // does not answer at all.
+) -> Result<tokio_rustls::client::TlsStream<relay::ReadAhead<TcpStream>>, String> {
     let limits = shared.admission.limits();
     let deadline = limits.handshake_timeout + limits.request_timeout;
-    let opened = tokio::time::timeout(deadline, open_tunnel(destination, peer, pod))
+    tokio::time::timeout(deadline, open_tunnel(destination, peer, pod))
         .await
         .unwrap_or_else(|_| {
             Err(format!(
                 "the destination agent did not open the tunnel within {} s",
                 deadline.as_secs()
             ))
-        });
-    let tunnel = match opened {
-        Ok(tunnel) => tunnel,
-        Err(reason) => {
-            debug!(workload = %pod.workload, %destination, "tunnel failed: {reason}");
-            shared.records.refused(conn, Verdict::Failed, reason);
-            relay::reset(client);
-            return;
-        }
-    };
-    let mut tunnel = tunnel;
-    relay::carry(shared.records.open(conn), client, &mut tunnel).await;
+        })
 }
 
 /// Connects to the destination agent, verifies it is the destination workload, and asks it to
@@ -116,15 +219,9 @@ async fn open_tunnel(
     }
 }
 
-async fn plaintext(
-    client: &mut TcpStream,
-    source: SocketAddr,
-    destination: SocketAddrV4,
-    pod: &PodProxy,
-    shared: &ProxyShared,
-) {
-    let conn = new_connection(source, destination, pod, None, Security::Plaintext);
-    let mut upstream = match pod.netns.connect(destination).await {
+async fn plaintext(client: &mut TcpStream, target: &Target, pod: &PodProxy, shared: &ProxyShared) {
+    let conn = new_connection(target, pod, None, Security::Plaintext);
+    let mut upstream = match pod.netns.connect(target.destination).await {
         Ok(upstream) => upstream,
         Err(e) => {
             shared.records.refused(
@@ -140,20 +237,20 @@ async fn plaintext(
 }
 
 fn new_connection(
-    source: SocketAddr,
-    destination: SocketAddrV4,
+    target: &Target,
     pod: &PodProxy,
     peer: Option<&MeshPeer>,
     security: Security,
 ) -> Connection {
     Connection {
         direction: Direction::Outbound,
-        source,
+        source: target.source,
         source_identity: Some(pod.identity.to_string()),
         source_workload: Some(pod.workload.clone()),
-        destination: SocketAddr::V4(destination),
+        destination: SocketAddr::V4(target.destination),
         destination_identity: peer.map(|p| p.identity.to_string()),
         destination_workload: peer.map(|p| p.workload.clone()),
+        destination_service: target.service.clone(),
         security,
     }
 }
