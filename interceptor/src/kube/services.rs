@@ -187,8 +187,6 @@ fn resolve(
 
 #[cfg(test)]
 mod tests {
-    use std::net::Ipv4Addr;
-
     use super::*;
     use crate::kube::{EndpointInfo, ServicePortInfo, WatchStatus};
 
@@ -213,7 +211,7 @@ mod tests {
         ServiceInfo {
             namespace: "shop".into(),
             name: name.into(),
-            cluster_ips: vip.map(|v| IpAddr::from(v)).into_iter().collect(),
+            cluster_ips: vip.map(IpAddr::from).into_iter().collect(),
             ports: ports
                 .iter()
                 .map(|(name, port)| ServicePortInfo {
