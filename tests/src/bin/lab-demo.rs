@@ -9,11 +9,14 @@
 //! Kubernetes mode, the pods are objects in namespaces labelled for the mesh, and the agents
 //! enroll, mark and remove them by themselves.
 
-use std::{path::Path, process::Stdio, time::Instant};
+use std::{net::Ipv4Addr, path::Path, process::Stdio, time::Instant};
 
 use anyhow::{Context, bail};
 use interceptor_tests::{
-    fake_apiserver::Kind,
+    fake_apiserver::{
+        Kind,
+        objects::{endpoint_slice, service},
+    },
     kube_lab::{
         Driver, ENROLLED, keep_alive, kube_pod, kubernetes_lab, wait_enrolled, wait_marked,
     },
@@ -21,6 +24,9 @@ use interceptor_tests::{
     scenario::{start_fixture, walkthrough_lab},
 };
 use serde_json::Value;
+
+/// The tracker Service's ClusterIP in the Kubernetes walkthrough.
+const TRACKER_VIP: Ipv4Addr = Ipv4Addr::new(198, 18, 100, 10);
 
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -54,7 +60,7 @@ fn standalone() -> anyhow::Result<()> {
     call(&lab, Caller::Outside, &url)?;
     show_status(&lab, 2)?;
 
-    strict_then_permissive(&lab, &sleep, &url, &policy_file, 3)?;
+    strict_then_permissive(&lab, (&sleep, &url), &url, &policy_file, 3)?;
 
     banner("Done; the lab is torn down.");
     Ok(())
@@ -87,6 +93,24 @@ fn kubernetes() -> anyhow::Result<()> {
         describe_pod(object);
         server.apply(object.clone())?;
     }
+    // The tracker's Service, and the slice the endpoints controller would write for it.
+    println!(
+        "$ kubectl apply -f -    # Service vehicles/position-tracker: ClusterIP {TRACKER_VIP}, port 80 -> 8080"
+    );
+    server.apply(service(
+        "vehicles",
+        "position-tracker",
+        TRACKER_VIP,
+        &[("http", 80, 8080)],
+        &[("app", "position-tracker")],
+    ))?;
+    server.apply(endpoint_slice(
+        "vehicles",
+        "position-tracker-6xk2d",
+        "position-tracker",
+        &[("http", 8080)],
+        &[(tracker.ip, "node-2", "position-tracker")],
+    ))?;
     for (node, namespace, name) in [(1, "foo", "sleep"), (2, "vehicles", "position-tracker")] {
         let took = wait_enrolled(&lab, node, name, true)?;
         let identity = wait_marked(&server, namespace, name)?;
@@ -99,17 +123,21 @@ fn kubernetes() -> anyhow::Result<()> {
     println!();
     println!("{}", lab.cli_ok(1, &["workload", "list"])?);
     println!("{}", lab.cli_ok(2, &["workload", "list"])?);
-    let url = format!("http://{}:8080/vehicles/", tracker.ip);
+    let service_url = format!("http://{TRACKER_VIP}/vehicles/");
+    let pod_url = format!("http://{}:8080/vehicles/", tracker.ip);
 
-    banner("2. sleep calls the tracker: mutual TLS, with the identities the API gave");
-    call(&lab, Caller::Pod(&sleep, "sleep"), &url)?;
+    banner(
+        "2. sleep calls the tracker's Service: agent 1 picks a ready backend, mutual TLS to it \
+         (the lab has no kube-proxy: only the agent makes the ClusterIP work)",
+    );
+    call(&lab, Caller::Pod(&sleep, "sleep"), &service_url)?;
     show_status(&lab, 1)?;
 
     banner("3. PERMISSIVE (no policy): a caller outside the mesh is accepted in plaintext");
-    call(&lab, Caller::Outside, &url)?;
+    call(&lab, Caller::Outside, &pod_url)?;
     show_status(&lab, 2)?;
 
-    strict_then_permissive(&lab, &sleep, &url, &policy_file(), 4)?;
+    strict_then_permissive(&lab, (&sleep, &service_url), &pod_url, &policy_file(), 4)?;
 
     banner("6. kubectl delete pod position-tracker: node-2's agent removes it by itself");
     server
@@ -143,11 +171,12 @@ fn describe_pod(object: &Value) {
 }
 
 /// Steps `first` and `first + 1` of both walkthroughs: the mesh-wide STRICT policy refuses
-/// the outside caller while the meshed pod gets through; deleting it lets the caller in again.
+/// the outside caller (calling `outside_url`) while the meshed pod (calling its URL) gets
+/// through; deleting it lets the caller in again.
 fn strict_then_permissive(
     lab: &Lab,
-    sleep: &Pod,
-    url: &str,
+    (sleep, sleep_url): (&Pod, &str),
+    outside_url: &str,
     policy_file: &Path,
     first: u8,
 ) -> anyhow::Result<()> {
@@ -163,9 +192,9 @@ fn strict_then_permissive(
         )?
     );
     println!("{}", lab.cli_ok(2, &["policy", "list"])?);
-    call(lab, Caller::Outside, url)?;
+    call(lab, Caller::Outside, outside_url)?;
     println!("...while the meshed pod still gets through over mutual TLS:");
-    call(lab, Caller::Pod(sleep, "sleep"), url)?;
+    call(lab, Caller::Pod(sleep, "sleep"), sleep_url)?;
     show_status(lab, 2)?;
 
     banner(&format!(
@@ -176,7 +205,7 @@ fn strict_then_permissive(
         "{}",
         lab.cli_ok(2, &["policy", "delete", "default", "-n", "istio-system"])?
     );
-    call(lab, Caller::Outside, url)?;
+    call(lab, Caller::Outside, outside_url)?;
     show_status(lab, 2)?;
     Ok(())
 }
