@@ -271,3 +271,67 @@ fn before_the_api_answers_a_restarted_agent_fails_closed_and_never_sends_plainte
     ensure!(!outbound.iter().any(plaintext_allowed), "{outbound:#?}");
     Ok(())
 }
+
+#[test]
+fn a_pod_is_sent_mutual_tls_only_once_its_agent_has_enrolled_and_marked_it() -> anyhow::Result<()> {
+    let (mut lab, server) = shop_lab(Driver::Systemd)?;
+    let (sleep_pod, sleep_object) = shop_pod(&mut lab, Driver::Systemd, 1, "sleep", "Burstable")?;
+    let (web_pod, web_object) = shop_pod(&mut lab, Driver::Systemd, 2, "web", "BestEffort")?;
+    keep_alive(&mut lab, &sleep_pod)?;
+    start_fixture(&mut lab, &web_pod, "http", HTTP_PORT)?;
+    server.apply(sleep_object)?;
+    wait_enrolled(&lab, 1, "sleep", true)?;
+
+    // web is Running with an address in a meshed namespace, but its node's agent is down:
+    // nobody has enrolled it, so peers must not send it mutual TLS (no agent would answer).
+    lab.kill_agent(2)?;
+    server.apply(web_object)?;
+    let url = format!("http://{}:{HTTP_PORT}/", web_pod.ip);
+    let destination = format!("{}:{HTTP_PORT}", web_pod.ip);
+    let newest_to_web = |lab: &Lab| -> anyhow::Result<Value> {
+        let out = curl(lab.in_pod(&sleep_pod, "curl")?, &url, &["-o", "/dev/null"])?;
+        ensure!(
+            out.status.success(),
+            "sleep → web failed: {}\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            lab.agent_log(1)
+        );
+        records(lab, 1)?
+            .into_iter()
+            .find(|r| r["direction"] == "outbound" && r["destination"] == destination)
+            .context("no outbound record to web")
+    };
+    let before = newest_to_web(&lab)?;
+    ensure!(
+        before["security"] == "plaintext" && before["destination_identity"].is_null(),
+        "an unenrolled pod was not reached in plaintext: {before:#}"
+    );
+    ensure!(
+        server
+            .get(Kind::Pod, "shop", "web")
+            .is_some_and(|p| p["metadata"]["annotations"]["interceptor.io/enrolled"].is_null()),
+        "web is marked although its agent is down"
+    );
+
+    // Its agent comes up, enrolls and marks it: from then on it is reached over mutual TLS.
+    lab.start_agent(2)?;
+    wait_enrolled(&lab, 2, "web", true)?;
+    wait_marked(&server, "shop", "web")?;
+    let deadline = Instant::now() + WITHIN;
+    loop {
+        let after = newest_to_web(&lab)?;
+        if after["security"] == "mutual_tls" {
+            ensure!(
+                after["destination_identity"] == "spiffe://cluster.local/ns/shop/sa/web",
+                "{after:#}"
+            );
+            break;
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "web still reached in plaintext {WITHIN:?} after it was marked: {after:#}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Ok(())
+}
