@@ -693,6 +693,113 @@ mod tests {
         assert_client_fails(client).await;
     }
 
+    /// A certificate signed by the mesh CA for `service_account`, with its parameters edited.
+    fn crafted(
+        ca: &Ca,
+        service_account: &str,
+        edit: impl FnOnce(&mut rcgen::CertificateParams),
+    ) -> (Identity, WorkloadCert) {
+        let id = identity(ca.trust_domain(), service_account);
+        let cert = ca.sign_crafted(&id, edit);
+        (id, cert)
+    }
+
+    fn hours_from_now(hours: i64) -> time::OffsetDateTime {
+        time::OffsetDateTime::now_utc() + time::Duration::hours(hours)
+    }
+
+    /// Runs a handshake where the server presents `bad` and one where the client does, and
+    /// returns the rejecting side's error text for each: (the client's, the server's). Every
+    /// handshake must fail on both sides: nothing is carried.
+    async fn refused_both_ways(ca: &Ca, bad: (Identity, WorkloadCert)) -> (String, String) {
+        let (bad_id, bad_cert) = bad;
+        let (good_id, good_cert) = issue(ca, "checkout");
+
+        let (server, client) = handshake(
+            &server_tls(ca, &bad_cert),
+            &client_tls(ca, &good_cert),
+            &bad_id,
+        )
+        .await;
+        assert!(
+            server.is_err(),
+            "the server side of a refused handshake went on"
+        );
+        let by_client = format!("{}", client.unwrap_err());
+
+        let (server, client) = handshake(
+            &server_tls(ca, &good_cert),
+            &client_tls(ca, &bad_cert),
+            &good_id,
+        )
+        .await;
+        let by_server = format!("{}", server.unwrap_err());
+        assert_client_fails(client).await;
+        (by_client, by_server)
+    }
+
+    #[tokio::test]
+    async fn an_expired_certificate_is_refused_on_both_sides() {
+        let ca = Ca::generate(TRUST_DOMAIN).unwrap();
+        let bad = crafted(&ca, "payments", |p| {
+            p.not_before = hours_from_now(-3);
+            p.not_after = hours_from_now(-1);
+        });
+        let (by_client, by_server) = refused_both_ways(&ca, bad).await;
+        for text in [by_client, by_server] {
+            assert!(text.contains("certificate expired"), "{text}");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_certificate_not_valid_yet_is_refused_on_both_sides() {
+        let ca = Ca::generate(TRUST_DOMAIN).unwrap();
+        let bad = crafted(&ca, "payments", |p| {
+            p.not_before = hours_from_now(1);
+            p.not_after = hours_from_now(3);
+        });
+        let (by_client, by_server) = refused_both_ways(&ca, bad).await;
+        for text in [by_client, by_server] {
+            assert!(text.contains("certificate not valid yet"), "{text}");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_certificate_without_a_spiffe_id_or_with_two_is_refused_on_both_sides() {
+        let ca = Ca::generate(TRUST_DOMAIN).unwrap();
+        let none = crafted(&ca, "payments", |p| {
+            p.subject_alt_names =
+                vec![rcgen::SanType::DnsName("payments.shop".try_into().unwrap())];
+        });
+        let (by_client, by_server) = refused_both_ways(&ca, none).await;
+        for text in [by_client, by_server] {
+            assert!(text.contains("no URI subject alternative name"), "{text}");
+        }
+
+        let two = crafted(&ca, "payments", |p| {
+            let other = format!("spiffe://{TRUST_DOMAIN}/ns/shop/sa/ledger");
+            p.subject_alt_names
+                .push(rcgen::SanType::URI(other.as_str().try_into().unwrap()));
+        });
+        let (by_client, by_server) = refused_both_ways(&ca, two).await;
+        for text in [by_client, by_server] {
+            assert!(text.contains("expected exactly one"), "{text}");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_ca_certificate_used_as_a_leaf_is_refused_on_both_sides() {
+        let ca = Ca::generate(TRUST_DOMAIN).unwrap();
+        let bad = crafted(&ca, "payments", |p| {
+            p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+            p.key_usages.push(rcgen::KeyUsagePurpose::KeyCertSign);
+        });
+        let (by_client, by_server) = refused_both_ways(&ca, bad).await;
+        for text in [by_client, by_server] {
+            assert!(text.contains("CaUsedAsEndEntity"), "{text}");
+        }
+    }
+
     #[tokio::test]
     async fn renewed_configs_present_the_new_certificate_with_fresh_sessions() {
         let ca = Ca::generate(TRUST_DOMAIN).unwrap();

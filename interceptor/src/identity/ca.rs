@@ -226,6 +226,32 @@ impl Ca {
         })
     }
 
+    /// Signs a leaf for `identity` after `edit` has changed its parameters (validity, names,
+    /// CA flag): tests make the certificates a misbehaving CA or peer would present.
+    #[cfg(test)]
+    pub(crate) fn sign_crafted(
+        &self,
+        identity: &Identity,
+        edit: impl FnOnce(&mut CertificateParams),
+    ) -> WorkloadCert {
+        let key = KeyPair::generate().unwrap();
+        let mut params = leaf_params(
+            &identity.to_string(),
+            Duration::from_secs(3600),
+            self.issuer.params().not_after,
+        )
+        .unwrap();
+        edit(&mut params);
+        let not_after = SystemTime::from(params.not_after);
+        let leaf = params.signed_by(&key, &self.issuer, &self.key).unwrap();
+        WorkloadCert {
+            identity: identity.clone(),
+            chain: vec![leaf.der().clone(), self.root_der().clone()],
+            key: PrivatePkcs8KeyDer::from(key.serialize_der()).into(),
+            not_after,
+        }
+    }
+
     fn from_parts(
         root: CertificateDer<'static>,
         issuer: rcgen::Certificate,
