@@ -363,6 +363,12 @@ impl Lab {
         Ok(())
     }
 
+    /// From its next start on, a node's agent loads the mesh CA from `dir` (a CA rotation).
+    pub fn set_ca_dir(&mut self, index: u8, dir: PathBuf) -> anyhow::Result<()> {
+        self.node_mut(index)?.ca_dir = dir;
+        Ok(())
+    }
+
     /// Kills a node's agent with SIGKILL (no clean-up chance), as a crash would.
     pub fn kill_agent(&mut self, index: u8) -> anyhow::Result<()> {
         let node = self.node_mut(index)?;

@@ -5,7 +5,7 @@ use std::{path::PathBuf, time::Duration};
 use anyhow::Context;
 use clap::Subcommand;
 
-use crate::identity::{Ca, Identity};
+use crate::identity::{Ca, Identity, TRUST_BUNDLE_FILE};
 
 /// Mesh CA commands.
 #[derive(Debug, Subcommand)]
@@ -45,6 +45,26 @@ pub enum CaCommand {
         #[arg(long)]
         key_out: PathBuf,
     },
+    /// Start rotating the mesh CA: create a new CA for the same trust domain in --new-dir,
+    /// and make both directories trust both CAs (trust-bundle.pem). Then restart every agent
+    /// on the old directory (they sign with the old CA and trust both), then on the new one
+    /// (they sign with the new CA), then run `ca finish-rotation`. No connection is refused
+    /// on the way: at every step each agent trusts the CA of every other.
+    Rotate {
+        /// Directory of the CA in use.
+        #[arg(long)]
+        dir: PathBuf,
+        /// Directory to create the new CA in; an existing CA there is never overwritten.
+        #[arg(long)]
+        new_dir: PathBuf,
+    },
+    /// End a rotation once every agent signs with the new CA: it trusts only itself again
+    /// (its trust-bundle.pem is removed). Restart the agents once more afterwards.
+    FinishRotation {
+        /// Directory of the new CA.
+        #[arg(long)]
+        dir: PathBuf,
+    },
 }
 
 /// Runs a CA command.
@@ -77,6 +97,45 @@ pub fn run(command: CaCommand) -> anyhow::Result<()> {
                 "issued {identity} to {} (key {})",
                 cert_out.display(),
                 key_out.display()
+            );
+            Ok(())
+        }
+        CaCommand::Rotate { dir, new_dir } => {
+            let old = Ca::load(&dir).context("--dir")?;
+            let new = Ca::init(&new_dir, old.trust_domain()).context("--new-dir")?;
+            let both = vec![old.root_der().clone(), new.root_der().clone()];
+            new.write_trust_bundle(&new_dir, both.clone())?;
+            old.write_trust_bundle(&dir, both)?;
+            println!(
+                "new mesh CA for trust domain {} created in {}; both directories now trust both CAs ({TRUST_BUNDLE_FILE})",
+                new.trust_domain(),
+                new_dir.display()
+            );
+            println!(
+                "next: restart every agent on {}, then every agent on {}, then run `interceptor ca finish-rotation --dir {}`",
+                dir.display(),
+                new_dir.display(),
+                new_dir.display()
+            );
+            Ok(())
+        }
+        CaCommand::FinishRotation { dir } => {
+            let ca = Ca::load(&dir).context("--dir")?;
+            let bundle = dir.join(TRUST_BUNDLE_FILE);
+            match std::fs::remove_file(&bundle) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                    anyhow::bail!(
+                        "{} has no {TRUST_BUNDLE_FILE}: no rotation to finish",
+                        dir.display()
+                    )
+                }
+                Err(e) => return Err(e).with_context(|| format!("removing {}", bundle.display())),
+            }
+            println!(
+                "the CA in {} trusts only itself again (trust domain {}); restart every agent",
+                dir.display(),
+                ca.trust_domain()
             );
             Ok(())
         }
@@ -127,5 +186,60 @@ mod tests {
         let error = format!("{:#}", issue().unwrap_err());
         assert!(error.contains("--cert-out"), "{error}");
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn rotation_trusts_both_cas_then_only_the_new_one() {
+        let base = std::env::temp_dir().join(format!("icpt-ca-rotate-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&base);
+        let (old_dir, new_dir) = (base.join("old"), base.join("new"));
+        let old = Ca::init(&old_dir, "cluster.local").unwrap();
+        run(CaCommand::Rotate {
+            dir: old_dir.clone(),
+            new_dir: new_dir.clone(),
+        })
+        .unwrap();
+        let (old_loaded, new) = (Ca::load(&old_dir).unwrap(), Ca::load(&new_dir).unwrap());
+        assert_eq!(
+            old_loaded.root_der(),
+            old.root_der(),
+            "the old CA still signs"
+        );
+        assert_ne!(new.root_der(), old.root_der());
+        for ca in [&old_loaded, &new] {
+            let roots = ca.trust_bundle().roots();
+            assert!(roots.contains(old.root_der()) && roots.contains(new.root_der()));
+        }
+        // A second rotation into the same directory never overwrites the new CA.
+        let again = run(CaCommand::Rotate {
+            dir: old_dir.clone(),
+            new_dir: new_dir.clone(),
+        });
+        assert!(format!("{:#}", again.unwrap_err()).contains("--new-dir"));
+
+        run(CaCommand::FinishRotation {
+            dir: new_dir.clone(),
+        })
+        .unwrap();
+        let finished = Ca::load(&new_dir).unwrap();
+        assert_eq!(finished.trust_bundle().roots(), [new.root_der().clone()]);
+        let twice = run(CaCommand::FinishRotation { dir: new_dir }).unwrap_err();
+        assert!(
+            twice.to_string().contains("no rotation to finish"),
+            "{twice}"
+        );
+
+        // A bundle that leaves out the CA's own certificate is refused, naming the file.
+        std::fs::copy(
+            base.join("new").join("ca.pem"),
+            old_dir.join(TRUST_BUNDLE_FILE),
+        )
+        .unwrap();
+        let error = Ca::load(&old_dir).unwrap_err().to_string();
+        assert!(
+            error.contains(TRUST_BUNDLE_FILE) && error.contains("own certificate"),
+            "{error}"
+        );
+        std::fs::remove_dir_all(&base).unwrap();
     }
 }

@@ -22,6 +22,10 @@ use super::{Identity, IdentityError};
 pub const CA_CERT_FILE: &str = "ca.pem";
 /// File name of the CA private key (PKCS#8 PEM, mode 0600) inside the CA directory.
 pub const CA_KEY_FILE: &str = "ca-key.pem";
+/// File name of the optional trust bundle (PEM) inside the CA directory: the roots agents
+/// trust while a CA is rotated, this CA's own among them. Without it, agents trust only
+/// [`CA_CERT_FILE`].
+pub const TRUST_BUNDLE_FILE: &str = "trust-bundle.pem";
 /// How far in the past certificates start being valid, to tolerate clock skew
 /// between nodes.
 pub const CLOCK_SKEW_ALLOWANCE: Duration = Duration::from_secs(5 * 60);
@@ -82,7 +86,11 @@ impl Clone for WorkloadCert {
 ///
 /// It only issues certificates for identities of its own trust domain.
 pub struct Ca {
+    /// The roots peers' certificates are checked against: this CA's own, and during a
+    /// rotation the other CA's too.
     bundle: TrustBundle,
+    /// This CA's certificate, exactly as stored in [`CA_CERT_FILE`].
+    root: CertificateDer<'static>,
     issuer: rcgen::Certificate,
     key: KeyPair,
 }
@@ -166,7 +174,59 @@ impl Ca {
             .map_err(|e| invalid_cert(format!("not a usable CA certificate: {e}")))?
             .self_signed(&key)
             .map_err(generation_error("CA issuer from loaded certificate"))?;
-        Ca::from_parts(root, issuer, key).map_err(|e| invalid_cert(e.to_string()))
+        let ca = Ca::from_parts(root, issuer, key).map_err(|e| invalid_cert(e.to_string()))?;
+        ca.with_trust_bundle_of(dir)
+    }
+
+    /// Trusts the roots of `dir`'s [`TRUST_BUNDLE_FILE`] when it has one. The bundle must
+    /// hold this CA's own certificate and serve the same trust domain.
+    fn with_trust_bundle_of(self, dir: &Path) -> Result<Ca, IdentityError> {
+        let path = dir.join(TRUST_BUNDLE_FILE);
+        if !path.exists() {
+            return Ok(self);
+        }
+        let bundle = TrustBundle::load(&path)?;
+        let invalid = |reason: String| IdentityError::InvalidFile {
+            path: path.clone(),
+            reason,
+        };
+        if !bundle.roots().contains(&self.root) {
+            return Err(invalid(format!(
+                "does not hold this CA's own certificate ({CA_CERT_FILE}); a trust bundle adds roots to it"
+            )));
+        }
+        if bundle.trust_domain() != self.trust_domain() {
+            return Err(invalid(format!(
+                "serves trust domain {:?}, the CA serves {:?}",
+                bundle.trust_domain(),
+                self.trust_domain()
+            )));
+        }
+        Ok(Ca { bundle, ..self })
+    }
+
+    /// Writes `roots` (PEM) as `dir`'s [`TRUST_BUNDLE_FILE`], atomically; they must form a
+    /// valid bundle that holds this CA's own certificate.
+    pub fn write_trust_bundle(
+        &self,
+        dir: &Path,
+        roots: Vec<CertificateDer<'static>>,
+    ) -> Result<(), IdentityError> {
+        let path = dir.join(TRUST_BUNDLE_FILE);
+        let invalid = |reason: String| IdentityError::InvalidFile {
+            path: path.clone(),
+            reason,
+        };
+        if !roots.contains(&self.root) {
+            return Err(invalid("would not hold this CA's own certificate".into()));
+        }
+        let bundle = TrustBundle::new(roots).map_err(|e| invalid(e.to_string()))?;
+        let pem: String = bundle
+            .roots()
+            .iter()
+            .map(|root| pem::encode(&pem::Pem::new("CERTIFICATE", root.to_vec())))
+            .collect();
+        crate::fsutil::write_atomically(&path, pem.as_bytes()).map_err(io_error("writing", &path))
     }
 
     /// The trust domain this CA serves.
@@ -176,7 +236,7 @@ impl Ca {
 
     /// The CA certificate, DER encoded (exactly as stored in [`CA_CERT_FILE`]).
     pub fn root_der(&self) -> &CertificateDer<'static> {
-        &self.bundle.roots()[0]
+        &self.root
     }
 
     /// The trust bundle peers need to verify certificates issued by this CA.
@@ -257,9 +317,10 @@ impl Ca {
         issuer: rcgen::Certificate,
         key: KeyPair,
     ) -> Result<Ca, IdentityError> {
-        let bundle = TrustBundle::new(vec![root])?;
+        let bundle = TrustBundle::new(vec![root.clone()])?;
         Ok(Ca {
             bundle,
+            root,
             issuer,
             key,
         })

@@ -20,6 +20,8 @@ mod files;
 mod spiffe;
 
 pub use bundle::TrustBundle;
-pub use ca::{CA_CERT_FILE, CA_KEY_FILE, CLOCK_SKEW_ALLOWANCE, Ca, WorkloadCert};
+pub use ca::{
+    CA_CERT_FILE, CA_KEY_FILE, CLOCK_SKEW_ALLOWANCE, Ca, TRUST_BUNDLE_FILE, WorkloadCert,
+};
 pub use error::IdentityError;
 pub use spiffe::Identity;
