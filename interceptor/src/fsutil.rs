@@ -1,14 +1,34 @@
 //! Small filesystem helpers shared by the agent's state files and the mesh directory.
 
-use std::{io, path::Path};
+use std::{
+    io::{self, Write},
+    path::Path,
+};
 
 /// Writes `bytes` to `path` through a temporary file and a rename, so readers (and a restarted
-/// agent) see either the old file or the new one, never half of one.
+/// agent) see either the old file or the new one, never half of one. The file's data is
+/// flushed before the rename and the directory after it, so a crash or a power cut cannot
+/// leave the new name pointing at unwritten data. A failed write leaves the old file as it
+/// was and removes the temporary.
 pub fn write_atomically(path: &Path, bytes: &[u8]) -> io::Result<()> {
     let mut tmp = path.as_os_str().to_owned();
     tmp.push(".tmp");
-    std::fs::write(&tmp, bytes)?;
-    std::fs::rename(&tmp, path)
+    let tmp = std::path::PathBuf::from(tmp);
+    let written = (|| {
+        let mut file = std::fs::File::create(&tmp)?;
+        file.write_all(bytes)?;
+        file.sync_all()?;
+        std::fs::rename(&tmp, path)
+    })();
+    if written.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    written?;
+    let dir = match path.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => dir,
+        _ => Path::new("."),
+    };
+    std::fs::File::open(dir)?.sync_all()
 }
 
 #[cfg(test)]
