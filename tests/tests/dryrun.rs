@@ -174,6 +174,7 @@ fn a_dry_run_of_mesh_strict_names_the_outside_caller_and_changes_nothing() -> an
         "status plaintext callers: {callers:#}"
     );
     let table = c.lab.cli_ok(2, &["status"])?;
+    println!("{table}");
     let row = table
         .lines()
         .skip_while(|line| !line.starts_with("PLAINTEXT CALLERS UNDER PERMISSIVE"))
@@ -206,6 +207,7 @@ fn a_dry_run_of_mesh_strict_names_the_outside_caller_and_changes_nothing() -> an
     ensure!(report["would_refuse"] == 1, "{report:#}");
     let text = c.lab.cli(2, &["policy", "apply", "--dry-run", &strict])?;
     let stdout = String::from_utf8_lossy(&text.stdout);
+    println!("{stdout}");
     ensure!(
         text.status.code() == Some(WOULD_REFUSE)
             && stdout.contains("WOULD BE REFUSED")

@@ -15,7 +15,10 @@ pub fn report(report: &DryRunReport) -> String {
     let changed: Vec<_> = report.modes.iter().filter(|m| m.changed).collect();
     let _ = writeln!(out, "MODE CHANGES (workload, port: before -> after)");
     if changed.is_empty() {
-        let _ = writeln!(out, "  none");
+        let _ = writeln!(
+            out,
+            "  none: no workload's mode or deciding policy would change"
+        );
     }
     for m in &changed {
         let port = m
