@@ -217,6 +217,21 @@ fn a_dry_run_of_mesh_strict_names_the_outside_caller_and_changes_nothing() -> an
         text.status.code()
     );
 
+    // A broken file fails the dry run (status 1), naming the file, as the real apply would.
+    let broken = c.write(
+        "broken.yaml",
+        &policy_yaml("istio-system", "default", &mode("STRICTEST")),
+    )?;
+    let out = c.lab.cli(2, &["policy", "apply", "--dry-run", &broken])?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    ensure!(
+        out.status.code() == Some(1)
+            && stderr.contains("broken.yaml")
+            && stderr.contains("STRICTEST"),
+        "broken dry run ({:?}): {stderr}",
+        out.status.code()
+    );
+
     // Nothing was applied.
     ensure!(
         c.outside_verdict(8080)? == "allowed",
