@@ -205,7 +205,10 @@ fn a_dry_run_of_mesh_strict_names_the_outside_caller_and_changes_nothing() -> an
         "the meshed caller is listed: {report:#}"
     );
     ensure!(report["would_refuse"] == 1, "{report:#}");
-    let text = c.lab.cli(2, &["policy", "apply", "--dry-run", &strict])?;
+    let text = c.lab.cli(
+        2,
+        &["policy", "apply", "--dry-run", "--since", "1h", &strict],
+    )?;
     let stdout = String::from_utf8_lossy(&text.stdout);
     println!("{stdout}");
     ensure!(
