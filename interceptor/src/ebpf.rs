@@ -17,6 +17,7 @@ use std::{
 };
 
 use crate::admin::protocol::KernelCounters;
+use crate::policy::Mode;
 use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, HashMap, MapData, PerCpuArray, RingBuf},
@@ -412,6 +413,23 @@ pub enum DoorMode {
     Permit,
     /// Let it in; mutual TLS is off for the port (DISABLE).
     Disabled,
+}
+
+impl DoorMode {
+    /// What the door does under a resolved policy mode. The one mapping from policy to
+    /// kernel: the agent writes it, and `policy apply --dry-run` predicts with it.
+    pub fn for_mode(mode: Mode) -> DoorMode {
+        match mode {
+            Mode::Disable => DoorMode::Disabled,
+            Mode::Strict => DoorMode::Refuse,
+            Mode::Permissive | Mode::Unset => DoorMode::Permit,
+        }
+    }
+
+    /// Whether a plaintext SYN is refused.
+    pub fn refuses_plaintext(self) -> bool {
+        self == DoorMode::Refuse
+    }
 }
 
 /// One entry of a pod's door: for `port` (0: every port without its own entry), the mode and

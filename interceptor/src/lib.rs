@@ -16,6 +16,7 @@ pub mod config;
 #[allow(unsafe_code)]
 pub mod delivery;
 pub mod directory;
+pub mod dry_run;
 #[allow(unsafe_code)]
 pub mod ebpf;
 pub mod fsutil;

@@ -3,7 +3,8 @@
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    policy::PeerAuthentication,
+    dry_run::PlaintextCallers,
+    policy::{PeerAuthentication, PolicyChange},
     records::{ConnectionRecord, WorkloadTotals},
     workloads::WorkloadSpec,
 };
@@ -42,6 +43,13 @@ pub enum Request {
         /// Its name.
         name: String,
     },
+    /// What a policy change would do, judged against the kept records; changes nothing.
+    PolicyDryRun {
+        /// The change, as `PolicyApply` or `PolicyDelete` would make it.
+        change: PolicyChange,
+        /// Only records that started at or after this (ms since the Unix epoch).
+        since_unix_ms: Option<u64>,
+    },
     /// Totals and recent connection records.
     Status,
     /// Stream records as they are written.
@@ -69,6 +77,9 @@ pub struct StatusReport {
     pub kernel: KernelCounters,
     /// Recent connections, oldest first.
     pub records: Vec<ConnectionRecord>,
+    /// Per workload under PERMISSIVE, the plaintext callers in the kept records.
+    #[serde(default)]
+    pub plaintext_callers: Vec<PlaintextCallers>,
 }
 
 /// Totals for one workload.

@@ -2,6 +2,7 @@
 //! enrolment and modes, certificates; it answers the admin socket through [`AdminHandler`].
 //! [`crate::app`] builds it and wires it to the servers.
 
+mod dry_run;
 mod error;
 mod events;
 mod policy_sync;
@@ -122,6 +123,12 @@ impl Agent {
                 self.delete_policy(&namespace, &name).await?;
                 Ok(serde_json::Value::Null)
             }
+            Request::PolicyDryRun {
+                change,
+                since_unix_ms,
+            } => json(serde_json::to_value(
+                self.dry_run(change, since_unix_ms).await?,
+            )),
             Request::Status => json(serde_json::to_value(self.status().await)),
             Request::Watch => Err(RequestError::Streaming),
         }
@@ -177,11 +184,15 @@ impl Agent {
                     totals: *totals,
                 }),
         );
+        drop(workloads);
+        let specs = self.workload_specs().await;
+        let records = self.records().recent();
         StatusReport {
             node: self.config.node_name.clone(),
             workloads: rows,
             kernel: self.kernel_counters(),
-            records: self.records().recent(),
+            plaintext_callers: self.plaintext_callers(&specs, &records),
+            records,
         }
     }
 }

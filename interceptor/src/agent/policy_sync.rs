@@ -20,8 +20,8 @@ use crate::config::AgentConfig;
 use crate::{
     ebpf::{DoorMode, DoorRule},
     policy::{
-        self, Decision, DecisionBook, EffectivePolicy, Mode, PeerAuthentication, PolicyError,
-        PolicyReport, PolicySet, PolicySources, SavedSources, WorkloadRef,
+        self, Decision, DecisionBook, EffectivePolicy, PeerAuthentication, PolicyChange,
+        PolicyError, PolicyReport, PolicySet, PolicySources, SavedSources, WorkloadRef,
     },
     sync::lock,
     workloads::WorkloadSpec,
@@ -118,14 +118,9 @@ impl PolicyState {
                 }
             }
         }
-        let mode = match decision.mode {
-            Mode::Disable => DoorMode::Disabled,
-            Mode::Strict => DoorMode::Refuse,
-            Mode::Permissive | Mode::Unset => DoorMode::Permit,
-        };
         DoorRule {
             port,
-            mode,
+            mode: DoorMode::for_mode(decision.mode),
             decision: number,
         }
     }
@@ -165,26 +160,25 @@ impl Agent {
         &self,
         batch: Vec<PeerAuthentication>,
     ) -> Result<PolicyReport, AgentError> {
-        self.change_policy(move |sources| sources.apply(batch))
+        self.change_policy(PolicyChange::Apply { policies: batch })
             .await?;
         Ok(self.policy_report().await)
     }
 
     /// Deletes a policy by namespace and name.
     pub async fn delete_policy(&self, namespace: &str, name: &str) -> Result<(), AgentError> {
-        let (namespace, name) = (namespace.to_owned(), name.to_owned());
-        self.change_policy(move |sources| sources.delete(&namespace, &name))
-            .await
+        self.change_policy(PolicyChange::Delete {
+            namespace: namespace.to_owned(),
+            name: name.to_owned(),
+        })
+        .await
     }
 
     /// Runs a change on the blocking pool (checking a batch and saving are not for the
     /// runtime's workers), then writes the new modes into the kernel.
-    async fn change_policy(
-        &self,
-        edit: impl FnOnce(&mut PolicySources) -> Result<(), PolicyError> + Send + 'static,
-    ) -> Result<(), AgentError> {
+    async fn change_policy(&self, change: PolicyChange) -> Result<(), AgentError> {
         let state = self.policy.clone();
-        tokio::task::spawn_blocking(move || lock(&state).change(edit))
+        tokio::task::spawn_blocking(move || lock(&state).change(|sources| change.make(sources)))
             .await
             .map_err(|source| AgentError::Task {
                 what: "the policy change",
@@ -192,6 +186,25 @@ impl Agent {
             })??;
         self.sync_kernel().await;
         Ok(())
+    }
+
+    /// The active set and the one `change` would make, changing and saving nothing: the
+    /// same [`PolicyChange::make`] as [`Agent::change_policy`], on a copy of the sources.
+    /// Runs on the blocking pool, like the real change.
+    pub(super) async fn preview_policy(
+        &self,
+        change: PolicyChange,
+    ) -> Result<(Arc<PolicySet>, Arc<PolicySet>), AgentError> {
+        let state = self.policy.clone();
+        let preview = tokio::task::spawn_blocking(move || {
+            let mut next = lock(&state).sources.clone();
+            let before = next.active();
+            change.make(&mut next).map(|()| (before, next.active()))
+        });
+        Ok(preview.await.map_err(|source| AgentError::Task {
+            what: "the policy dry run",
+            source,
+        })??)
     }
 
     /// Policies and effective modes of every enrolled workload.

@@ -47,18 +47,19 @@ enum Command {
     Status(status::StatusArgs),
 }
 
-/// Runs the CLI; errors are printed with their causes and give exit status 1.
+/// Runs the CLI; errors are printed with their causes and give exit status 1 (a policy dry run
+/// that would refuse a caller gives its own status, see [`crate::dry_run::EXIT_WOULD_REFUSE`]).
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Agent(args) => agent::run(args),
-        Command::Ca(command) => ca::run(command),
-        Command::Workload(command) => workload::run(command),
+        Command::Agent(args) => agent::run(args).map(|()| ExitCode::SUCCESS),
+        Command::Ca(command) => ca::run(command).map(|()| ExitCode::SUCCESS),
+        Command::Workload(command) => workload::run(command).map(|()| ExitCode::SUCCESS),
         Command::Policy(command) => policy::run(command),
-        Command::Status(args) => status::run(args),
+        Command::Status(args) => status::run(args).map(|()| ExitCode::SUCCESS),
     };
     match result {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => code,
         Err(e) => {
             eprintln!("error: {e:#}");
             ExitCode::FAILURE

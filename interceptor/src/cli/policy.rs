@@ -1,13 +1,15 @@
 //! `interceptor policy`.
 
-use std::path::PathBuf;
+use std::{path::PathBuf, process::ExitCode, time::Duration};
 
-use clap::Subcommand;
+use clap::{Args, Subcommand, ValueEnum};
 
-use super::AdminSocket;
+use super::{AdminSocket, status::parse_duration};
 use crate::{
     admin::{client, protocol::Request},
-    policy::{self, PolicyReport, Scope},
+    dry_run::{self, DryRunReport, EXIT_WOULD_REFUSE},
+    policy::{self, PolicyChange, PolicyReport, Scope},
+    records::unix_ms,
 };
 
 /// Policy commands.
@@ -25,6 +27,8 @@ pub enum PolicyCommand {
         /// Files or directories (*.yaml, *.yml).
         #[arg(required = true)]
         paths: Vec<PathBuf>,
+        #[command(flatten)]
+        dry_run: DryRunArgs,
         #[command(flatten)]
         admin: AdminSocket,
     },
@@ -44,20 +48,80 @@ pub enum PolicyCommand {
         #[arg(short = 'n', long)]
         namespace: String,
         #[command(flatten)]
+        dry_run: DryRunArgs,
+        #[command(flatten)]
         admin: AdminSocket,
     },
 }
 
-/// Runs a policy command.
-pub fn run(command: PolicyCommand) -> anyhow::Result<()> {
+/// `--dry-run` and its options, shared by `apply` and `delete`.
+#[derive(Debug, Args)]
+pub struct DryRunArgs {
+    /// Change nothing: print each workload's mode before and after, and every plaintext
+    /// caller in the agent's kept records that the change would refuse. Exit status 0 when
+    /// no caller let in now would be refused, 3 when some would, 1 on error.
+    #[arg(long)]
+    dry_run: bool,
+    /// With --dry-run: only records that started within this long (e.g. 30m, 2h, 7d);
+    /// by default every record the agent keeps.
+    #[arg(long, value_parser = parse_duration, requires = "dry_run")]
+    since: Option<Duration>,
+    /// With --dry-run: output format (JSON schema in ARCHITECTURE.md).
+    #[arg(short = 'o', long, value_enum, default_value_t = Output::Table, requires = "dry_run")]
+    output: Output,
+}
+
+/// How a dry run is printed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum Output {
+    /// Tables for people.
+    Table,
+    /// JSON for scripts.
+    Json,
+}
+
+impl DryRunArgs {
+    /// Asks the agent what `change` would do, prints it, and gives the exit status.
+    fn run(&self, admin: &AdminSocket, change: PolicyChange) -> anyhow::Result<ExitCode> {
+        let since_unix_ms = self.since.map(|window| {
+            unix_ms(std::time::SystemTime::now()).saturating_sub(window.as_millis() as u64)
+        });
+        let report: DryRunReport = client::call(
+            &admin.path,
+            &Request::PolicyDryRun {
+                change,
+                since_unix_ms,
+            },
+        )?;
+        match self.output {
+            Output::Json => println!("{}", serde_json::to_string_pretty(&report)?),
+            Output::Table => print!("{}", dry_run::render::report(&report)),
+        }
+        Ok(if report.would_refuse > 0 {
+            ExitCode::from(EXIT_WOULD_REFUSE)
+        } else {
+            ExitCode::SUCCESS
+        })
+    }
+}
+
+/// Runs a policy command; a dry run's exit status says whether it would refuse a caller.
+pub fn run(command: PolicyCommand) -> anyhow::Result<ExitCode> {
     match command {
         PolicyCommand::Validate { paths } => {
             let objects = policy::load_paths(&paths)?;
             policy::validate(&objects)?;
             println!("valid: {} PeerAuthentication object(s)", objects.len());
         }
-        PolicyCommand::Apply { paths, admin } => {
+        PolicyCommand::Apply {
+            paths,
+            dry_run,
+            admin,
+        } => {
             let policies = policy::load_paths(&paths)?;
+            if dry_run.dry_run {
+                return dry_run.run(&admin, PolicyChange::Apply { policies });
+            }
             let count = policies.len();
             let _: PolicyReport = client::call(&admin.path, &Request::PolicyApply { policies })?;
             println!("applied {count} PeerAuthentication object(s)");
@@ -73,8 +137,12 @@ pub fn run(command: PolicyCommand) -> anyhow::Result<()> {
         PolicyCommand::Delete {
             name,
             namespace,
+            dry_run,
             admin,
         } => {
+            if dry_run.dry_run {
+                return dry_run.run(&admin, PolicyChange::Delete { namespace, name });
+            }
             let () = client::call(
                 &admin.path,
                 &Request::PolicyDelete {
@@ -85,7 +153,7 @@ pub fn run(command: PolicyCommand) -> anyhow::Result<()> {
             println!("deleted {namespace}/{name}");
         }
     }
-    Ok(())
+    Ok(ExitCode::SUCCESS)
 }
 
 fn print_report(report: &PolicyReport) {

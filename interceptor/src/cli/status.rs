@@ -10,6 +10,7 @@ use crate::{
         client,
         protocol::{Request, StatusReport},
     },
+    dry_run,
     records::{ConnectionRecord, Security, Verdict, unix_ms},
     status::render,
 };
@@ -53,7 +54,7 @@ enum Output {
 }
 
 /// Parses `90s`, `5m`, `2h`, `1d` or plain seconds.
-fn parse_duration(text: &str) -> Result<Duration, String> {
+pub(super) fn parse_duration(text: &str) -> Result<Duration, String> {
     let (number, unit) = text
         .find(|c: char| !c.is_ascii_digit())
         .map_or((text, "s"), |i| text.split_at(i));
@@ -154,7 +155,13 @@ pub fn run(args: StatusArgs) -> anyhow::Result<()> {
     report.records.reverse();
     match args.output {
         Output::Json => println!("{}", serde_json::to_string_pretty(&report)?),
-        Output::Table => print!("{}", render::report(&report, colour)),
+        Output::Table => {
+            print!("{}", render::report(&report, colour));
+            print!(
+                "{}",
+                dry_run::render::plaintext_callers(&report.plaintext_callers)
+            );
+        }
     }
     Ok(())
 }

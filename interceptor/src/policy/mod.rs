@@ -10,6 +10,7 @@
 //! reference at <https://istio.io/latest/docs/reference/config/security/peer_authentication/>;
 //! see [`PolicySet::effective`] for the rules.
 
+mod change;
 mod decisions;
 pub mod input;
 mod locate;
@@ -22,6 +23,7 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
+pub use change::PolicyChange;
 pub use decisions::DecisionBook;
 pub use parse::{load_paths, parse_str};
 pub use resolve::{Decision, EffectivePolicy, PolicySet, WorkloadRef, validate};
