@@ -55,7 +55,8 @@ pub struct Node {
     pub agent_cgroup: Option<PathBuf>,
     agent_args: Vec<String>,
     agent_nofile: Option<u64>,
-    state_dir: PathBuf,
+    /// The agent's --state-dir.
+    pub state_dir: PathBuf,
     /// Where the agent pins its kernel maps and links.
     pub bpf_dir: PathBuf,
     log: PathBuf,
