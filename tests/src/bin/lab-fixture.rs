@@ -172,6 +172,24 @@ enum Fixture {
         #[arg(long, default_value_t = 8)]
         threads: usize,
     },
+    /// Steady load: starts `rate` new connections per second for `duration_ms`, each a
+    /// `probe` (GET /vehicles/, one read) with `timeout_ms` for the connect and the read, and
+    /// prints one JSON line per connection: when it started (ms from the start), its outcome
+    /// and how long it took.
+    Steady {
+        /// Destination (an `http` server).
+        #[arg(long)]
+        to: SocketAddr,
+        /// New connections per second (at most 1000).
+        #[arg(long, value_parser = clap::value_parser!(u64).range(1..=1000))]
+        rate: u64,
+        /// How long to keep starting connections (at most 60 s).
+        #[arg(long, value_parser = clap::value_parser!(u64).range(1..=60_000))]
+        duration_ms: u64,
+        /// Connect and read timeout of each connection.
+        #[arg(long, default_value_t = 3000)]
+        timeout_ms: u64,
+    },
     /// Opens connections to an echo server, checks each with a one-byte round trip, prints
     /// "ready <n>", and holds them until stdin closes or the time limit passes.
     Hold {
@@ -244,6 +262,20 @@ fn main() -> anyhow::Result<()> {
             connections,
             max_ms,
         } => hold(to, connections, Duration::from_millis(max_ms)),
+        Fixture::Steady {
+            to,
+            rate,
+            duration_ms,
+            timeout_ms,
+        } => {
+            steady(
+                to,
+                rate,
+                Duration::from_millis(duration_ms),
+                Duration::from_millis(timeout_ms),
+            );
+            Ok(())
+        }
         Fixture::Idle {
             to,
             connections,
@@ -445,13 +477,18 @@ fn many(to: SocketAddr, connections: u64, bytes: u64) -> anyhow::Result<()> {
 }
 
 fn probe(to: SocketAddr) -> &'static str {
-    let mut stream = match TcpStream::connect_timeout(&to, Duration::from_secs(5)) {
+    probe_within(to, Duration::from_secs(5), Duration::from_secs(3))
+}
+
+/// [`probe`] with its connect and read timeouts.
+fn probe_within(to: SocketAddr, connect: Duration, read: Duration) -> &'static str {
+    let mut stream = match TcpStream::connect_timeout(&to, connect) {
         Ok(stream) => stream,
         Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => return "refused",
         Err(e) if e.kind() == io::ErrorKind::ConnectionReset => return "reset",
         Err(_) => return "timeout",
     };
-    let _ = stream.set_read_timeout(Some(Duration::from_secs(3)));
+    let _ = stream.set_read_timeout(Some(read));
     let _ = stream.write_all(b"GET /vehicles/ HTTP/1.1\r\nHost: probe\r\n\r\n");
     let mut buf = [0u8; 1];
     match stream.read(&mut buf) {
@@ -460,6 +497,35 @@ fn probe(to: SocketAddr) -> &'static str {
         Err(e) if e.kind() == io::ErrorKind::ConnectionReset => "reset",
         Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => "refused",
         Err(_) => "timeout",
+    }
+}
+
+fn steady(to: SocketAddr, rate: u64, duration: Duration, timeout: Duration) {
+    let start = Instant::now();
+    let interval = Duration::from_micros(1_000_000 / rate);
+    let mut clients = Vec::new();
+    for n in 0.. {
+        let due = interval * n;
+        if due >= duration {
+            break;
+        }
+        if let Some(wait) = due.checked_sub(start.elapsed()) {
+            std::thread::sleep(wait);
+        }
+        clients.push(std::thread::spawn(move || {
+            let began = Instant::now();
+            let outcome = probe_within(to, timeout, timeout);
+            (
+                began.duration_since(start).as_millis(),
+                outcome,
+                began.elapsed().as_millis(),
+            )
+        }));
+    }
+    for client in clients {
+        if let Ok((at, outcome, ms)) = client.join() {
+            println!("{{\"at_ms\":{at},\"outcome\":\"{outcome}\",\"ms\":{ms}}}");
+        }
     }
 }
 
