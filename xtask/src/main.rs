@@ -7,6 +7,7 @@
 
 mod bpf_linker;
 mod cmd;
+mod image;
 mod run;
 mod setup;
 
@@ -49,6 +50,20 @@ enum Command {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// Setup, then the agent's container image and its smoke test in real containers.
+    ///
+    /// Installs podman, runc and musl-tools when missing, builds the agent statically for
+    /// x86_64-unknown-linux-musl, builds `Containerfile` (FROM scratch: the binary alone)
+    /// with rootful podman as localhost/interceptor:<version>, annotated with the version and
+    /// commit, and saves it as target/image/interceptor-<version>.oci.tar. Then runs
+    /// tests/tests/image.rs: the image prints --help, and agents started from it the way the
+    /// DaemonSet runs them (host network and PID, privileged, bpffs and cgroup mounted) carry
+    /// a meshed call on the lab and stop on SIGTERM within the grace period.
+    Image {
+        /// Build and save the image only; skip the smoke test.
+        #[arg(long)]
+        no_test: bool,
+    },
     /// Setup, then run the lab demo (`lab-demo` in interceptor-tests).
     Demo {
         /// Extra arguments for lab-demo.
@@ -77,6 +92,7 @@ fn main() {
         Command::Setup => setup::setup(),
         Command::Build => run::build(),
         Command::Test { args } => run::test(&args),
+        Command::Image { no_test } => image::image(no_test),
         Command::Demo { args } => run::demo(&args),
         Command::Bench { args } => run::bench(&args),
         Command::Soak { args } => run::soak(&args),
