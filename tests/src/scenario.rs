@@ -116,10 +116,10 @@ pub fn walkthrough_lab_with(options: LabOptions) -> anyhow::Result<(Lab, Pod, Po
     Ok((lab, sleep, tracker))
 }
 
-/// The DaemonSet's `terminationGracePeriodSeconds` (deploy/daemonset.yaml): how long the
+/// The DaemonSet's `terminationGracePeriodSeconds` (deploy/base/daemonset.yaml): how long the
 /// kubelet waits after SIGTERM before it kills the agent.
 pub fn daemonset_grace_period() -> anyhow::Result<Duration> {
-    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/daemonset.yaml");
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/base/daemonset.yaml");
     let text = std::fs::read_to_string(path)?;
     let docs: Vec<Value> = serde_saphyr::from_multiple(&text)?;
     let seconds = docs
@@ -128,7 +128,7 @@ pub fn daemonset_grace_period() -> anyhow::Result<Duration> {
         .and_then(|d| d["spec"]["template"]["spec"]["terminationGracePeriodSeconds"].as_u64());
     let seconds = anyhow::Context::context(
         seconds,
-        "deploy/daemonset.yaml: no DaemonSet with terminationGracePeriodSeconds",
+        "deploy/base/daemonset.yaml: no DaemonSet with terminationGracePeriodSeconds",
     )?;
     Ok(Duration::from_secs(seconds))
 }

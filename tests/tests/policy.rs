@@ -302,6 +302,16 @@ fn sigterm_stops_the_agent_within_its_grace_period_and_strict_holds() -> anyhow:
     w.apply_ok(&policies_dir().join("mesh-strict.yaml"))?;
     w.outside_is_refused(8080)?;
     ensure!(w.meshed_gets_json()?, "the meshed call failed before SIGTERM");
+    // The DaemonSet's probes: readiness and liveness are both served, on different paths.
+    let metrics = w.lab.node(2)?.metrics_addr.clone();
+    for path in ["/healthz/ready", "/healthz/live"] {
+        let out = curl(
+            w.lab.on_node(2, "curl")?,
+            &format!("http://{metrics}{path}"),
+            &["--fail", "--max-time", "5"],
+        )?;
+        ensure!(out.status.success(), "{path} does not answer");
+    }
 
     let grace = daemonset_grace_period()?;
     let took = w.lab.stop_agent(2, grace)?;
