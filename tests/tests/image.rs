@@ -4,8 +4,8 @@
 //! fail loudly without them.
 //!
 //! Containers run with `--runtime runc` (the default crun refuses hybrid cgroup layouts) and
-//! explicit `--ulimit`s at the hard limits (the runtime may not raise a limit: the machine
-//! may lack CAP_SYS_RESOURCE).
+//! explicit `--ulimit`s within the hard limits (the runtime may not raise a limit: the
+//! machine may lack CAP_SYS_RESOURCE).
 
 use std::{
     path::{Path, PathBuf},
@@ -51,10 +51,17 @@ fn hard_limit(resource: libc::__rlimit_resource_t) -> anyhow::Result<String> {
     })
 }
 
+/// The most `--ulimit nproc` that runc could set on this machine kind: higher values, even
+/// below the hard limit, fail with EPERM (found by bisection). Root's processes are not held
+/// to RLIMIT_NPROC anyway.
+const MAX_NPROC: u64 = 32_768;
+
 /// `podman run --rm --runtime runc --ulimit ...`, the start of every container here.
 fn podman_run() -> anyhow::Result<Command> {
     let nofile = hard_limit(libc::RLIMIT_NOFILE)?;
-    let nproc = hard_limit(libc::RLIMIT_NPROC)?;
+    let nproc = hard_limit(libc::RLIMIT_NPROC)?
+        .parse::<u64>()
+        .map_or(MAX_NPROC, |hard| hard.min(MAX_NPROC));
     let mut command = Command::new("podman");
     command
         .args(["run", "--rm", "--runtime", "runc"])
@@ -142,7 +149,8 @@ fn the_archive_is_one_layer_annotated_with_version_and_commit() -> anyhow::Resul
     Ok(())
 }
 
-/// Removes the named containers when dropped (before the lab, which only kills `podman run`).
+/// Removes the named containers when dropped: the lab's teardown only kills `podman run`,
+/// which leaves its container running.
 struct Containers(Arc<Mutex<Vec<String>>>);
 
 impl Drop for Containers {
@@ -150,7 +158,7 @@ impl Drop for Containers {
         let names = self.0.lock().map(|n| n.clone()).unwrap_or_default();
         if !names.is_empty() {
             let _ = Command::new("podman")
-                .args(["rm", "--force", "--time", "0"])
+                .args(["rm", "--force", "--ignore", "--time", "0"])
                 .args(&names)
                 .stdout(Stdio::null())
                 .stderr(Stdio::null())
@@ -179,7 +187,8 @@ fn from_the_image(image: String, names: Arc<Mutex<Vec<String>>>) -> AgentCommand
             .arg("--privileged")
             .args(["--volume", "/sys/fs/bpf:/sys/fs/bpf"])
             .args(["--volume", "/sys/fs/cgroup:/sys/fs/cgroup"])
-            .args(["--volume", "/run/netns:/run/netns"])
+            // rslave: pods made after the agent started (their nsfs mounts) show up inside.
+            .args(["--volume", "/run/netns:/run/netns:rslave"])
             .arg("--volume")
             .arg(format!("{0}:{0}", lab_dir.display()))
             .args(["--env", "RUST_LOG=info"])
@@ -191,14 +200,15 @@ fn from_the_image(image: String, names: Arc<Mutex<Vec<String>>>) -> AgentCommand
 #[test]
 #[ignore = "needs the image: run by `cargo xtask image`"]
 fn agents_from_the_image_carry_a_meshed_call_and_stop_on_sigterm() -> anyhow::Result<()> {
-    let names = Arc::new(Mutex::new(Vec::new()));
+    let containers = Containers(Arc::new(Mutex::new(Vec::new())));
     let options = LabOptions {
-        agent_command: Some(from_the_image(image()?, names.clone())),
+        agent_command: Some(from_the_image(image()?, containers.0.clone())),
         agent_args: vec!["--log-format".into(), "json".into()],
         ..LabOptions::default()
     };
     let (mut lab, sleep, tracker) = walkthrough_lab_with(options)?;
-    let _containers = Containers(names);
+    // Moved after the lab, so the containers go before the lab's teardown does.
+    let _containers = containers;
     start_fixture(&mut lab, &tracker, "http", 8081)?;
 
     // A meshed call from node 1's pod to node 2's, both agents in containers.
