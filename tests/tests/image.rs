@@ -16,15 +16,15 @@ use std::{
 use anyhow::{Context, ensure};
 use interceptor_tests::{
     lab::{AgentCommand, LabOptions, Node, fixture_bin, interceptor_bin},
-    scenario::{
-        curl, daemonset_grace_period, probe, records, start_fixture, walkthrough_lab_with,
-    },
+    scenario::{curl, daemonset_grace_period, probe, records, start_fixture, walkthrough_lab_with},
 };
 use serde_json::Value;
 
 fn env(name: &str) -> anyhow::Result<String> {
     std::env::var(name).with_context(|| {
-        format!("{name} is not set: these tests run from `cargo xtask image`, which builds the image")
+        format!(
+            "{name} is not set: these tests run from `cargo xtask image`, which builds the image"
+        )
     })
 }
 

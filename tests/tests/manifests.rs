@@ -103,7 +103,10 @@ fn the_base_renders_into_the_install_objects() -> anyhow::Result<()> {
         "ConfigMap",
         "DaemonSet",
     ]);
-    ensure!(kinds == expected, "rendered kinds {kinds:?}, want {expected:?}");
+    ensure!(
+        kinds == expected,
+        "rendered kinds {kinds:?}, want {expected:?}"
+    );
     ensure!(docs.len() == expected.len(), "one object of each kind");
     let namespace = find(&docs, "Namespace")?["metadata"]["name"].clone();
     for kind in ["ServiceAccount", "ConfigMap", "DaemonSet"] {
@@ -116,8 +119,7 @@ fn the_base_renders_into_the_install_objects() -> anyhow::Result<()> {
 }
 
 #[test]
-fn daemonset_runs_the_agent_with_flags_it_accepts_and_the_mounts_they_need() -> anyhow::Result<()>
-{
+fn daemonset_runs_the_agent_with_flags_it_accepts_and_the_mounts_they_need() -> anyhow::Result<()> {
     let docs = render(&deploy_dir())?;
     let daemonset = find(&docs, "DaemonSet")?;
     let pod = &daemonset["spec"]["template"]["spec"];
@@ -144,7 +146,10 @@ fn daemonset_runs_the_agent_with_flags_it_accepts_and_the_mounts_they_need() -> 
 
     // Every flag is one the agent accepts, per its real --help.
     let args = strings(&container["args"]);
-    ensure!(args.first() == Some(&"agent"), "args start with the agent command");
+    ensure!(
+        args.first() == Some(&"agent"),
+        "args start with the agent command"
+    );
     let help = agent_help()?;
     let flags = flag_values(&args[1..]);
     ensure!(
@@ -189,11 +194,7 @@ fn daemonset_runs_the_agent_with_flags_it_accepts_and_the_mounts_they_need() -> 
             Ok((m["mountPath"].as_str().context("mountPath")?, *volume))
         })
         .collect::<anyhow::Result<_>>()?;
-    let mounted = |path: &str| {
-        mounts
-            .iter()
-            .any(|(m, _)| Path::new(path).starts_with(m))
-    };
+    let mounted = |path: &str| mounts.iter().any(|(m, _)| Path::new(path).starts_with(m));
     // The path flags of Kubernetes mode (--mesh-dir is standalone only).
     for flag in [
         "--ca-dir",
@@ -373,13 +374,11 @@ impl Drop for Scratch {
 }
 
 #[test]
-fn the_example_overlay_sets_the_image_and_makes_the_ca_secret_the_agent_loads()
--> anyhow::Result<()> {
+fn the_example_overlay_sets_the_image_and_makes_the_ca_secret_the_agent_loads() -> anyhow::Result<()>
+{
     // A copy of deploy/ with a CA made as the README says, so the source tree stays clean.
-    let scratch = Scratch(std::env::temp_dir().join(format!(
-        "interceptor-manifests-{}",
-        std::process::id()
-    )));
+    let scratch =
+        Scratch(std::env::temp_dir().join(format!("interceptor-manifests-{}", std::process::id())));
     let _ = std::fs::remove_dir_all(&scratch.0);
     std::fs::create_dir_all(&scratch.0)?;
     let copied = Command::new("cp")

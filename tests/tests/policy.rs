@@ -9,9 +9,7 @@ use anyhow::ensure;
 use interceptor_tests::{
     lab::{Lab, Pod, fixture_bin},
     pattern,
-    scenario::{
-        curl, daemonset_grace_period, fixture, probe, start_fixture, walkthrough_lab,
-    },
+    scenario::{curl, daemonset_grace_period, fixture, probe, start_fixture, walkthrough_lab},
 };
 use serde_json::Value;
 
@@ -301,7 +299,10 @@ fn sigterm_stops_the_agent_within_its_grace_period_and_strict_holds() -> anyhow:
     w.lab.start_agent(2)?;
     w.apply_ok(&policies_dir().join("mesh-strict.yaml"))?;
     w.outside_is_refused(8080)?;
-    ensure!(w.meshed_gets_json()?, "the meshed call failed before SIGTERM");
+    ensure!(
+        w.meshed_gets_json()?,
+        "the meshed call failed before SIGTERM"
+    );
     // The DaemonSet's probes: readiness and liveness are both served, on different paths.
     let metrics = w.lab.node(2)?.metrics_addr.clone();
     for path in ["/healthz/ready", "/healthz/live"] {
@@ -329,7 +330,10 @@ fn sigterm_stops_the_agent_within_its_grace_period_and_strict_holds() -> anyhow:
         .collect::<Result<_, _>>()?;
     for line in &json_lines {
         for field in ["timestamp", "level", "target", "message"] {
-            ensure!(line.get(field).is_some(), "log line without {field}: {line}");
+            ensure!(
+                line.get(field).is_some(),
+                "log line without {field}: {line}"
+            );
         }
     }
     let said = |message: &str| json_lines.iter().any(|l| l["message"] == message);

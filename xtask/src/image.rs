@@ -76,7 +76,10 @@ pub fn image(no_test: bool) -> Result<()> {
         mib(archive_bytes)
     );
     if no_test {
-        println!("xtask: image: done in {:.0}s", start.elapsed().as_secs_f64());
+        println!(
+            "xtask: image: done in {:.0}s",
+            start.elapsed().as_secs_f64()
+        );
         return Ok(());
     }
     // The smoke test also runs the lab's own tools (CLI, CA, fixtures) from the host build.
@@ -93,9 +96,7 @@ pub fn image(no_test: bool) -> Result<()> {
         "--ignored",
         "--test-threads=1",
     ]);
-    smoke
-        .env(IMAGE_ENV, &reference)
-        .env(ARCHIVE_ENV, &archive);
+    smoke.env(IMAGE_ENV, &reference).env(ARCHIVE_ENV, &archive);
     run::step("image smoke test", &mut smoke)?;
     println!(
         "xtask: image: done in {:.0}s (smoke test {:.0}s)",
@@ -192,8 +193,7 @@ fn build_static_binary() -> Result<PathBuf> {
     let binary = cmd::target_dir()
         .join(STATIC_TARGET)
         .join("release/interceptor");
-    let bytes =
-        fs::read(&binary).with_context(|| format!("cannot read {}", binary.display()))?;
+    let bytes = fs::read(&binary).with_context(|| format!("cannot read {}", binary.display()))?;
     ensure!(
         !needs_loader(&bytes)?,
         "{} asks for a dynamic loader (PT_INTERP); a FROM scratch image has none",
@@ -232,8 +232,7 @@ fn needs_loader(elf: &[u8]) -> Result<bool> {
 fn stage_context(binary: &Path) -> Result<PathBuf> {
     let context = image_dir().join("context");
     if context.exists() {
-        fs::remove_dir_all(&context)
-            .with_context(|| format!("removing {}", context.display()))?;
+        fs::remove_dir_all(&context).with_context(|| format!("removing {}", context.display()))?;
     }
     fs::create_dir_all(&context).with_context(|| format!("creating {}", context.display()))?;
     let containerfile = cmd::repo_root().join("Containerfile");
@@ -258,7 +257,8 @@ mod tests {
 
     #[test]
     fn reads_the_package_version() {
-        let manifest = "[package]\nname = \"x\"\nversion = \"1.2.3\"\n\n[dependencies]\nversion = \"9\"\n";
+        let manifest =
+            "[package]\nname = \"x\"\nversion = \"1.2.3\"\n\n[dependencies]\nversion = \"9\"\n";
         assert_eq!(package_version(manifest).as_deref(), Some("1.2.3"));
         assert_eq!(package_version("[dependencies]\nversion = \"9\"\n"), None);
         assert!(agent_version().is_ok_and(|v| v.contains('.')));
