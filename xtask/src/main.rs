@@ -25,13 +25,15 @@ struct Cli {
 /// The xtask subcommands.
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Prepare this machine: nightly rust-src, bpf-linker, Debian tools, bpffs, cgroup v2.
+    /// Prepare this machine: nightly rust-src, bpf-linker, Debian tools, kubectl, bpffs,
+    /// cgroup v2.
     ///
     /// Idempotent and fast when everything is present. Must run as root. Steps: the nightly
     /// toolchain's rust-src and clippy components; a working bpf-linker built against the
     /// nightly's own libLLVM (LLVM prefix kept in ~/.local/share/interceptor/llvm); the Debian
     /// packages the lab uses (iproute2, nftables, tshark, tcpdump, curl, socat, stunnel4,
-    /// iperf3, bpftool); bpffs mounted at /sys/fs/bpf; a cgroup v2 mount.
+    /// iperf3, bpftool); a kubectl that runs `kubectl kustomize` (Debian's kubernetes-client
+    /// unless one is already on PATH); bpffs mounted at /sys/fs/bpf; a cgroup v2 mount.
     Setup,
     /// Setup, then build the agent (and its eBPF programs) in release mode.
     Build,
