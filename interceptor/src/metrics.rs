@@ -1,5 +1,8 @@
-//! The HTTP admin port: Prometheus metrics with Istio's names and labels, and the readiness
-//! probe for the DaemonSet.
+//! The HTTP admin port: Prometheus metrics with Istio's names and labels, and the DaemonSet's
+//! probes. Readiness (`/healthz/ready`) is served only once the agent has loaded its kernel
+//! programs, restored its workloads and bound its admin socket (this server starts last).
+//! Liveness (`/healthz/live`) asks only that the runtime still answers: restarting helps a
+//! wedged agent, never one that waits for something else.
 
 use std::{fmt::Write as _, sync::Arc};
 
@@ -51,6 +54,7 @@ async fn handle(mut stream: TcpStream, sources: Arc<MetricsSources>) {
             ),
         ),
         "/healthz/ready" => ("200 OK", "text/plain", "ready\n".to_owned()),
+        "/healthz/live" => ("200 OK", "text/plain", "alive\n".to_owned()),
         _ => ("404 Not Found", "text/plain", "not found\n".to_owned()),
     };
     let response = format!(

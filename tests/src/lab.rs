@@ -61,8 +61,13 @@ pub struct Node {
     pub bpf_dir: PathBuf,
     log: PathBuf,
     agent: Option<Child>,
+    agent_command: Option<AgentCommand>,
     next_pod: u8,
 }
+
+/// Makes the command that starts a node's agent, up to and including the program that takes
+/// `agent --node-name ...` next (for example `podman run ... <image>`).
+pub type AgentCommand = std::sync::Arc<dyn Fn(&Node) -> anyhow::Result<Command> + Send + Sync>;
 
 /// A pod of the lab.
 #[derive(Clone, Debug)]
@@ -98,6 +103,9 @@ pub struct LabOptions {
     /// The name of each node's pods cgroup: `kubepods.slice` or `kubepods` to lay the lab out
     /// as the kubelet does under its systemd or cgroupfs driver.
     pub pods_cgroup_name: &'static str,
+    /// Starts every agent with this command instead of the interceptor binary (for example
+    /// from its container image); it runs in the node's network namespace.
+    pub agent_command: Option<AgentCommand>,
 }
 
 impl Default for LabOptions {
@@ -109,6 +117,7 @@ impl Default for LabOptions {
             agent_nofile: None,
             agents_in_pods_cgroup: false,
             pods_cgroup_name: "pods",
+            agent_command: None,
         }
     }
 }
@@ -173,6 +182,7 @@ impl Lab {
             };
             self.add_node(index, &fabric, ca_dir, options)?;
             self.node_mut(index)?.agent_nofile = options.agent_nofile;
+            self.node_mut(index)?.agent_command = options.agent_command.clone();
             if options.agents_in_pods_cgroup {
                 self.set_agent_cgroup(index, "agent")?;
             }
@@ -254,6 +264,7 @@ impl Lab {
                 .join(format!("node-{index}")),
             log: node_dir.join("agent.log"),
             agent: None,
+            agent_command: None,
             next_pod: 10,
         });
         Ok(())
@@ -271,7 +282,10 @@ impl Lab {
             .create(true)
             .append(true)
             .open(&node.log)?;
-        let mut command = Command::new(interceptor_bin()?);
+        let mut command = match node.agent_command.clone() {
+            Some(make) => make(node)?,
+            None => Command::new(interceptor_bin()?),
+        };
         command
             .args(["agent", "--node-name", &node.name])
             .arg("--pods-cgroup")
@@ -378,6 +392,41 @@ impl Lab {
             agent.wait()?;
         }
         Ok(())
+    }
+
+    /// Stops a node's agent with SIGTERM, as the kubelet stops a container, and waits for it
+    /// to exit; fails unless it exits successfully within `deadline`. Returns how long it took.
+    pub fn stop_agent(&mut self, index: u8, deadline: Duration) -> anyhow::Result<Duration> {
+        let node = self.node_mut(index)?;
+        let mut agent = node
+            .agent
+            .take()
+            .with_context(|| format!("agent of node {index} is not running"))?;
+        let start = Instant::now();
+        // SAFETY: plain kill(2) on our own child, which has not been reaped.
+        if unsafe { libc::kill(agent.id() as i32, libc::SIGTERM) } != 0 {
+            return Err(io::Error::last_os_error()).context("sending SIGTERM to the agent");
+        }
+        loop {
+            if let Some(status) = agent.try_wait()? {
+                let took = start.elapsed();
+                ensure!(
+                    status.success(),
+                    "agent of node {index} exited with {status} after SIGTERM:\n{}",
+                    self.agent_log(index)
+                );
+                return Ok(took);
+            }
+            if start.elapsed() > deadline {
+                let _ = agent.kill();
+                let _ = agent.wait();
+                bail!(
+                    "agent of node {index} still ran {deadline:?} after SIGTERM:\n{}",
+                    self.agent_log(index)
+                );
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
     }
 
     /// The agent's log so far.

@@ -102,11 +102,33 @@ pub fn records(lab: &Lab, node: u8) -> anyhow::Result<Vec<Value>> {
 /// node 1 and a meshed `position-tracker` pod (namespace vehicles) on node 2 serving
 /// `/vehicles/` on 8080. Returns (lab, sleep, tracker).
 pub fn walkthrough_lab() -> anyhow::Result<(Lab, Pod, Pod)> {
-    let mut lab = Lab::new(LabOptions::default())?;
+    walkthrough_lab_with(LabOptions::default())
+}
+
+/// [`walkthrough_lab`] on a lab built with `options`.
+pub fn walkthrough_lab_with(options: LabOptions) -> anyhow::Result<(Lab, Pod, Pod)> {
+    let mut lab = Lab::new(options)?;
     let sleep = lab.add_pod(1, "sleep", "foo")?;
     let tracker = lab.add_pod(2, "position-tracker", "vehicles")?;
     lab.enroll(&sleep, "sleep", &[("app", "sleep")])?;
     lab.enroll(&tracker, "position-tracker", &[("app", "position-tracker")])?;
     start_fixture(&mut lab, &tracker, "http", 8080)?;
     Ok((lab, sleep, tracker))
+}
+
+/// The DaemonSet's `terminationGracePeriodSeconds` (deploy/base/daemonset.yaml): how long the
+/// kubelet waits after SIGTERM before it kills the agent.
+pub fn daemonset_grace_period() -> anyhow::Result<Duration> {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/base/daemonset.yaml");
+    let text = std::fs::read_to_string(path)?;
+    let docs: Vec<Value> = serde_saphyr::from_multiple(&text)?;
+    let seconds = docs
+        .iter()
+        .find(|d| d["kind"] == "DaemonSet")
+        .and_then(|d| d["spec"]["template"]["spec"]["terminationGracePeriodSeconds"].as_u64());
+    let seconds = anyhow::Context::context(
+        seconds,
+        "deploy/base/daemonset.yaml: no DaemonSet with terminationGracePeriodSeconds",
+    )?;
+    Ok(Duration::from_secs(seconds))
 }

@@ -241,7 +241,7 @@ fn before_the_api_answers_a_restarted_agent_fails_closed_and_never_sends_plainte
             && r["verdict"] == "failed"
             && r["reason"]
                 .as_str()
-                .is_some_and(|why| why.contains("has not listed"))),
+                .is_some_and(|why| why.contains("not listed"))),
         "the refused calls were not recorded as failed for an unknown mesh: {outbound:#?}"
     );
     let inbound = records(&lab, 2)?;

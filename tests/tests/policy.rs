@@ -9,7 +9,7 @@ use anyhow::ensure;
 use interceptor_tests::{
     lab::{Lab, Pod, fixture_bin},
     pattern,
-    scenario::{curl, fixture, probe, start_fixture, walkthrough_lab},
+    scenario::{curl, daemonset_grace_period, fixture, probe, start_fixture, walkthrough_lab},
 };
 use serde_json::Value;
 
@@ -285,6 +285,61 @@ fn strict_holds_while_the_agent_is_down_and_the_agent_takes_over_again() -> anyh
     ensure!(
         w.outside_gets_json(8080)?,
         "the restarted agent should apply policy changes"
+    );
+    Ok(())
+}
+
+#[test]
+fn sigterm_stops_the_agent_within_its_grace_period_and_strict_holds() -> anyhow::Result<()> {
+    let mut w = walkthrough()?;
+    // Restart node 2's agent with JSON logs, as the DaemonSet runs it.
+    w.lab
+        .set_agent_args(2, vec!["--log-format".into(), "json".into()])?;
+    w.lab.kill_agent(2)?;
+    w.lab.start_agent(2)?;
+    w.apply_ok(&policies_dir().join("mesh-strict.yaml"))?;
+    w.outside_is_refused(8080)?;
+    ensure!(
+        w.meshed_gets_json()?,
+        "the meshed call failed before SIGTERM"
+    );
+    // The DaemonSet's probes: readiness and liveness are both served, on different paths.
+    let metrics = w.lab.node(2)?.metrics_addr.clone();
+    for path in ["/healthz/ready", "/healthz/live"] {
+        let out = curl(
+            w.lab.on_node(2, "curl")?,
+            &format!("http://{metrics}{path}"),
+            &["--fail", "--max-time", "5"],
+        )?;
+        ensure!(out.status.success(), "{path} does not answer");
+    }
+
+    let grace = daemonset_grace_period()?;
+    let took = w.lab.stop_agent(2, grace)?;
+    eprintln!("SIGTERM to exit: {took:?} (grace period {grace:?})");
+    // The kernel still refuses plaintext with the agent gone, on a port never tried before.
+    w.outside_is_refused(8080)?;
+    w.outside_is_refused(8081)?;
+
+    // Every line of the JSON run is one object with the fields log collectors index.
+    let log = w.lab.agent_log(2);
+    let json_lines: Vec<Value> = log
+        .lines()
+        .filter(|l| l.starts_with('{'))
+        .map(serde_json::from_str)
+        .collect::<Result<_, _>>()?;
+    for line in &json_lines {
+        for field in ["timestamp", "level", "target", "message"] {
+            ensure!(
+                line.get(field).is_some(),
+                "log line without {field}: {line}"
+            );
+        }
+    }
+    let said = |message: &str| json_lines.iter().any(|l| l["message"] == message);
+    ensure!(
+        said("agent ready") && said("shutting down; kernel enforcement stays pinned"),
+        "the JSON log lacks the start or the shutdown:\n{log}"
     );
     Ok(())
 }

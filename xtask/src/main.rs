@@ -7,6 +7,7 @@
 
 mod bpf_linker;
 mod cmd;
+mod image;
 mod run;
 mod setup;
 
@@ -24,13 +25,15 @@ struct Cli {
 /// The xtask subcommands.
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Prepare this machine: nightly rust-src, bpf-linker, Debian tools, bpffs, cgroup v2.
+    /// Prepare this machine: nightly rust-src, bpf-linker, Debian tools, kubectl, bpffs,
+    /// cgroup v2.
     ///
     /// Idempotent and fast when everything is present. Must run as root. Steps: the nightly
     /// toolchain's rust-src and clippy components; a working bpf-linker built against the
     /// nightly's own libLLVM (LLVM prefix kept in ~/.local/share/interceptor/llvm); the Debian
     /// packages the lab uses (iproute2, nftables, tshark, tcpdump, curl, socat, stunnel4,
-    /// iperf3, bpftool); bpffs mounted at /sys/fs/bpf; a cgroup v2 mount.
+    /// iperf3, bpftool); a kubectl that runs `kubectl kustomize` (Debian's kubernetes-client
+    /// unless one is already on PATH); bpffs mounted at /sys/fs/bpf; a cgroup v2 mount.
     Setup,
     /// Setup, then build the agent (and its eBPF programs) in release mode.
     Build,
@@ -48,6 +51,20 @@ enum Command {
         /// Extra arguments for the test binaries (after `--test-threads=1`).
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
+    },
+    /// Setup, then the agent's container image and its smoke test in real containers.
+    ///
+    /// Installs podman, runc and musl-tools when missing, builds the agent statically for
+    /// x86_64-unknown-linux-musl, builds `Containerfile` (FROM scratch: the binary alone)
+    /// with rootful podman as localhost/interceptor:<version>, annotated with the version and
+    /// commit, and saves it as target/image/interceptor-<version>.oci.tar. Then runs
+    /// tests/tests/image.rs: the image prints --help, and agents started from it the way the
+    /// DaemonSet runs them (host network and PID, privileged, bpffs and cgroup mounted) carry
+    /// a meshed call on the lab and stop on SIGTERM within the grace period.
+    Image {
+        /// Build and save the image only; skip the smoke test.
+        #[arg(long)]
+        no_test: bool,
     },
     /// Setup, then run the lab demo (`lab-demo` in interceptor-tests).
     Demo {
@@ -77,6 +94,7 @@ fn main() {
         Command::Setup => setup::setup(),
         Command::Build => run::build(),
         Command::Test { args } => run::test(&args),
+        Command::Image { no_test } => image::image(no_test),
         Command::Demo { args } => run::demo(&args),
         Command::Bench { args } => run::bench(&args),
         Command::Soak { args } => run::soak(&args),

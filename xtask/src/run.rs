@@ -86,7 +86,7 @@ pub fn bench(args: &[String]) -> Result<()> {
 }
 
 /// Runs one step with streamed output, framed by a header and its duration.
-fn step(name: &str, command: &mut Command) -> Result<()> {
+pub fn step(name: &str, command: &mut Command) -> Result<()> {
     println!("xtask: {name}: {}", cmd::display(command));
     let start = Instant::now();
     let result = cmd::run(command);
@@ -99,7 +99,7 @@ fn step(name: &str, command: &mut Command) -> Result<()> {
 }
 
 /// The agent (which builds the eBPF crate) and the lab tools the tests, demo and bench run.
-fn build_cmd() -> Command {
+pub fn build_cmd() -> Command {
     cmd::cargo([
         "build",
         "--release",

@@ -50,6 +50,7 @@ pub fn setup() -> Result<()> {
     let nightly = ensure_nightly(&channel)?;
     ensure_bpf_linker(&nightly)?;
     ensure_debian_packages()?;
+    ensure_kubectl()?;
     let mounts = fs::read_to_string("/proc/mounts").context("cannot read /proc/mounts")?;
     ensure_bpffs(&mounts)?;
     check_cgroup2(&mounts)?;
@@ -308,15 +309,68 @@ fn install_and_check(nightly: &Nightly, plan: &bpf_linker::InstallPlan) -> Resul
 
 /// Installs the [`DEBIAN_PACKAGES`] that dpkg does not report as installed.
 fn ensure_debian_packages() -> Result<()> {
-    let missing = missing_packages()?;
-    if missing.is_empty() {
-        println!("setup: debian packages: ok ({})", DEBIAN_PACKAGES.join(" "));
+    install_packages("debian packages", DEBIAN_PACKAGES)
+}
+
+/// The Debian packages `cargo xtask image` needs: rootful podman, the runc runtime (the
+/// default crun refuses hybrid cgroup layouts), and musl-gcc for the C parts (jemalloc,
+/// ring) of the static build.
+pub const IMAGE_PACKAGES: &[&str] = &["podman", "runc", "musl-tools"];
+
+/// What `cargo xtask image` needs beyond [`setup`]: [`IMAGE_PACKAGES`] and the Rust
+/// standard library for [`crate::image::STATIC_TARGET`].
+pub fn ensure_image_tools() -> Result<()> {
+    install_packages("image tools", IMAGE_PACKAGES)?;
+    let target = crate::image::STATIC_TARGET;
+    let installed = cmd::output(Command::new("rustup").args(["target", "list", "--installed"]))
+        .context("setup: image tools: FAILED: `rustup target list --installed`")?;
+    if installed.lines().any(|l| l.trim() == target) {
+        println!("setup: rust target {target}: ok");
         return Ok(());
     }
-    println!(
-        "setup: debian packages: missing {}; installing",
-        missing.join(" ")
-    );
+    cmd::run(Command::new("rustup").args(["target", "add", target])).with_context(|| {
+        format!("setup: rust target {target}: FAILED; run `rustup target add {target}`")
+    })?;
+    println!("setup: rust target {target}: installed");
+    Ok(())
+}
+
+/// The Debian package that gives `kubectl kustomize`, which renders `deploy/` for the
+/// manifest tests.
+const KUBECTL_PACKAGE: &str = "kubernetes-client";
+
+/// Makes sure a `kubectl` whose `kustomize` subcommand runs is on `PATH`; installs Debian's
+/// [`KUBECTL_PACKAGE`] otherwise (a kubectl already there, from any source, is kept).
+fn ensure_kubectl() -> Result<()> {
+    let works = || {
+        Command::new("kubectl")
+            .args(["kustomize", "--help"])
+            .output()
+            .is_ok_and(|o| o.status.success())
+    };
+    if works() {
+        println!("setup: kubectl: ok");
+        return Ok(());
+    }
+    install_packages("kubectl", &[KUBECTL_PACKAGE])?;
+    if !works() {
+        bail!(
+            "setup: kubectl: FAILED: {KUBECTL_PACKAGE} is installed but `kubectl kustomize \
+             --help` fails; check which kubectl is first on PATH"
+        );
+    }
+    Ok(())
+}
+
+/// Installs those of `packages` that dpkg does not report as installed; `what` names the
+/// step in its messages.
+fn install_packages(what: &str, packages: &[&'static str]) -> Result<()> {
+    let missing = missing_packages(packages)?;
+    if missing.is_empty() {
+        println!("setup: {what}: ok ({})", packages.join(" "));
+        return Ok(());
+    }
+    println!("setup: {what}: missing {}; installing", missing.join(" "));
     let hint = format!(
         "run `apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y {}`",
         missing.join(" ")
@@ -326,39 +380,41 @@ fn ensure_debian_packages() -> Result<()> {
             .arg("update")
             .env("DEBIAN_FRONTEND", "noninteractive"),
     )
-    .with_context(|| format!("setup: debian packages: FAILED: apt-get update; {hint}"))?;
+    .with_context(|| format!("setup: {what}: FAILED: apt-get update; {hint}"))?;
     cmd::run(
         Command::new("apt-get")
             .args(["install", "-y", "--no-install-recommends"])
             .args(&missing)
             .env("DEBIAN_FRONTEND", "noninteractive"),
     )
-    .with_context(|| format!("setup: debian packages: FAILED: apt-get install; {hint}"))?;
-    let still = missing_packages()?;
+    .with_context(|| format!("setup: {what}: FAILED: apt-get install; {hint}"))?;
+    let still = missing_packages(packages)?;
     if !still.is_empty() {
         bail!(
-            "setup: debian packages: FAILED: still not installed after apt-get: {}; {hint}",
+            "setup: {what}: FAILED: still not installed after apt-get: {}; {hint}",
             still.join(" ")
         );
     }
-    println!("setup: debian packages: installed {}", missing.join(" "));
+    println!("setup: {what}: installed {}", missing.join(" "));
     Ok(())
 }
 
-/// The [`DEBIAN_PACKAGES`] that are not fully installed, per `dpkg-query`.
-fn missing_packages() -> Result<Vec<&'static str>> {
+/// Those of `packages` that are not fully installed, per `dpkg-query`.
+fn missing_packages(packages: &[&'static str]) -> Result<Vec<&'static str>> {
     // dpkg-query exits 1 when a package is unknown; its stdout still lists the known ones.
     let out = Command::new("dpkg-query")
         .args(["-W", "-f=${Package}\t${Status}\n"])
-        .args(DEBIAN_PACKAGES)
+        .args(packages)
         .output()
-        .context(
-            "setup: debian packages: FAILED: cannot run dpkg-query; this setup expects Debian; \
-             elsewhere install the equivalents of iproute2 nftables tshark tcpdump curl socat \
-             stunnel4 iperf3 bpftool by hand",
-        )?;
+        .with_context(|| {
+            format!(
+                "setup: FAILED: cannot run dpkg-query; this setup expects Debian; elsewhere \
+                 install the equivalents of {} by hand",
+                packages.join(" ")
+            )
+        })?;
     let installed = installed_packages(&String::from_utf8_lossy(&out.stdout));
-    Ok(DEBIAN_PACKAGES
+    Ok(packages
         .iter()
         .copied()
         .filter(|p| !installed.iter().any(|i| i == p))

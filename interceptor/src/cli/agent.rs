@@ -81,16 +81,43 @@ pub struct AgentArgs {
     /// are reset at once.
     #[arg(long, default_value_t = 512, value_parser = clap::value_parser!(u32).range(1..))]
     tunnel_max_pending_per_source: u32,
+    /// How log lines on stderr are written: `text` for people, `json` (one object per line,
+    /// with timestamp, level, target, message and fields) for log collectors. RUST_LOG picks
+    /// what is logged.
+    #[arg(long, value_enum, default_value_t = LogFormat::Text, env = "INTERCEPTOR_LOG_FORMAT")]
+    log_format: LogFormat,
+}
+
+/// How the agent writes its log lines to stderr.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum LogFormat {
+    /// One human-readable line per event.
+    Text,
+    /// One JSON object per line, fields at the top level.
+    Json,
+}
+
+/// Logs to stderr, where container runtimes collect them, filtered by RUST_LOG (default
+/// `info`).
+fn init_logging(format: LogFormat) {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(false)
+            .with_span_list(false)
+            .init(),
+    }
 }
 
 /// Starts the runtime and the agent.
 pub fn run(args: AgentArgs) -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    init_logging(args.log_format);
     let tunnel_limits = tunnel_limits(&args, raise_open_file_limit());
     let kubernetes = args.kubernetes || args.kubeconfig.is_some();
     let pods_cgroup = pods_cgroup(args.pods_cgroup.clone(), kubernetes, || {

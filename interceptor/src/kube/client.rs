@@ -36,7 +36,7 @@ pub enum ClientError {
     /// Not in a pod, or the service account is not mounted.
     #[error(
         "no in-cluster Kubernetes configuration ({0}): run the agent in a pod with a service \
-         account (deploy/rbac.yaml), or pass --kubeconfig FILE"
+         account (deploy/base/rbac.yaml), or pass --kubeconfig FILE"
     )]
     InCluster(#[source] InClusterError),
     /// The kubeconfig file cannot be read or parsed.

@@ -55,7 +55,7 @@ pub struct ApiCall {
     pub verbs: &'static [&'static str],
 }
 
-/// Every call the agent makes to the API server. `deploy/rbac.yaml` grants exactly these.
+/// Every call the agent makes to the API server. `deploy/base/rbac.yaml` grants exactly these.
 pub const API_CALLS: &[ApiCall] = &[
     // Watches of this node's pods and of the enrolled pods of all nodes; the enrolled marker.
     ApiCall {
