@@ -361,7 +361,7 @@ fn follow_api(state: &SharedPolicy, objects: &BTreeMap<String, RawPeerAuthentica
             Ok(object) => valid.push(object),
             Err(refusal) => {
                 let uid = raw.object["metadata"]["uid"].as_str().unwrap_or_default();
-                rejected.push(refusal);
+                rejected.push(*refusal);
                 uids.push(uid.to_owned());
             }
         }

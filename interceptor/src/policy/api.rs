@@ -46,7 +46,10 @@ pub struct ApiSourceStatus {
 
 /// Reads one object of the API. `created_unix_ms` is its `metadata.creationTimestamp`,
 /// already decoded by the caller.
-pub fn from_api(object: &Value, created_unix_ms: Option<i64>) -> Result<ApiPolicy, RejectedPolicy> {
+pub fn from_api(
+    object: &Value,
+    created_unix_ms: Option<i64>,
+) -> Result<ApiPolicy, Box<RejectedPolicy>> {
     let metadata = &object["metadata"];
     let text = |value: &Value| value.as_str().unwrap_or_default().to_owned();
     let reference = PolicyRef {
@@ -55,14 +58,16 @@ pub fn from_api(object: &Value, created_unix_ms: Option<i64>) -> Result<ApiPolic
     };
     let created = text(&metadata["creationTimestamp"]);
     let path = api_path(object, &reference);
-    let reject = |reason: String| RejectedPolicy {
-        policy: reference.clone(),
-        source: PolicySource::Api {
-            path: path.clone(),
-            created: created.clone(),
-        },
-        reason,
-        previous_in_force: false,
+    let reject = |reason: String| {
+        Box::new(RejectedPolicy {
+            policy: reference.clone(),
+            source: PolicySource::Api {
+                path: path.clone(),
+                created: created.clone(),
+            },
+            reason,
+            previous_in_force: false,
+        })
     };
     let mut meaning = Map::new();
     for field in ["apiVersion", "kind", "spec"] {
