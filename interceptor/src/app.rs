@@ -8,6 +8,7 @@
 //!                 └ EventReader ───► kernel-event task (records)
 //! MeshDirectory or KubeMeshSource ──► Mesh (view + source) ──► proxies, enrolment, refresh
 //! NodePods (Kubernetes mode) ──► Agent as `Enrolment`
+//! PeerAuthentication watch (Kubernetes mode) ──► Agent's policy sources
 //! RecordStore ────► proxies, kernel events, metrics, admin `watch`
 //! ```
 //!
@@ -90,7 +91,12 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
     let mut tasks = agent.start(events).await;
     tasks.push(tokio::spawn(mesh.refresh(MESH_REFRESH)));
     if let Some(client) = kube {
-        info!(origin = %client.origin(), "Kubernetes mode: pods and the mesh come from the API");
+        info!(
+            origin = %client.origin(),
+            "Kubernetes mode: pods, the mesh and PeerAuthentications come from the API"
+        );
+        let policies = client.watch_peer_authentications();
+        tasks.push(tokio::spawn(agent.clone().follow_api_policies(policies)));
         let pods = NodePods {
             enrolment: agent.clone(),
             client,

@@ -1,12 +1,14 @@
 //! The agent's side of policy: saving the sources across restarts, watching `--policy-dir`,
-//! and writing effective modes into the kernel, each with the number of the decision behind
-//! it (see [`DecisionBook`]). The sources and their merge are [`PolicySources`]'s.
+//! following the Kubernetes API's PeerAuthentications, and writing effective modes into the
+//! kernel, each with the number of the decision behind it (see [`DecisionBook`]). The
+//! sources and their merge are [`PolicySources`]'s.
 //!
 //! Parsing and saving never run on the async runtime's worker threads: the directory is read
 //! and parsed on the blocking pool, and changes are merged and saved there too, so a huge or
 //! hostile policy file cannot stall the data path or the admin socket.
 
 use std::{
+    collections::BTreeMap,
     path::{Path, PathBuf},
     sync::{Arc, Mutex},
     time::{Duration, SystemTime},
@@ -19,9 +21,11 @@ use super::{Agent, AgentError};
 use crate::config::AgentConfig;
 use crate::{
     ebpf::{DoorMode, DoorRule},
+    kube::{RawPeerAuthentication, View, Watch},
     policy::{
-        self, Decision, DecisionBook, EffectivePolicy, PeerAuthentication, PolicyChange,
-        PolicyError, PolicyReport, PolicySet, PolicySources, SavedSources, WorkloadRef,
+        self, ApiSourceStatus, Decision, DecisionBook, EffectivePolicy, PeerAuthentication,
+        PolicyChange, PolicyError, PolicyReport, PolicySet, PolicySources, RejectedPolicy,
+        SavedSources, WorkloadRef,
     },
     sync::lock,
     workloads::WorkloadSpec,
@@ -49,6 +53,10 @@ pub(super) struct PolicyState {
     state_dir: PathBuf,
     /// The policy directory as last read, to notice changes.
     dir_fingerprint: Fingerprint,
+    /// The Kubernetes API as a source; `None` when standalone.
+    api_status: Option<ApiSourceStatus>,
+    /// The API's objects that are invalid, as of the last list.
+    rejected: Vec<RejectedPolicy>,
 }
 
 /// Names, sizes and modification times of a directory's entries.
@@ -60,13 +68,17 @@ impl PolicyState {
     /// agent serves anything.
     pub(super) fn load(config: &AgentConfig) -> anyhow::Result<SharedPolicy> {
         let state_dir = config.state_dir.clone();
-        let saved: SavedSources = match read_json(&state_dir.join(SOURCES_FILE))? {
+        let mut saved: SavedSources = match read_json(&state_dir.join(SOURCES_FILE))? {
             Some(saved) => saved,
             None => SavedSources {
                 applied: read_json(&state_dir.join(OLD_APPLIED_FILE))?.unwrap_or_default(),
-                ages: Vec::new(),
+                ..SavedSources::default()
             },
         };
+        // The API's objects of an earlier run in Kubernetes mode mean nothing standalone.
+        if config.kubernetes.is_none() {
+            saved.api.clear();
+        }
         let book: DecisionBook = read_json(&state_dir.join(DECISIONS_FILE))?.unwrap_or_default();
         let (files, dir_fingerprint) = match &config.policy_dir {
             Some(dir) => {
@@ -82,6 +94,8 @@ impl PolicyState {
             book,
             state_dir,
             dir_fingerprint,
+            api_status: config.kubernetes.is_some().then(ApiSourceStatus::default),
+            rejected: Vec::new(),
         };
         // The ages given to the directory's policies just now must outlive this run.
         state.save_sources(&state.sources)?;
@@ -207,9 +221,17 @@ impl Agent {
         })??)
     }
 
-    /// Policies and effective modes of every enrolled workload.
+    /// Policies, where each comes from, and effective modes of every enrolled workload.
     pub async fn policy_report(&self) -> PolicyReport {
-        let set = self.policy_set();
+        let (set, sources, rejected, api) = {
+            let state = lock(&self.policy);
+            (
+                state.sources.active(),
+                state.sources.sources(),
+                state.rejected.clone(),
+                state.api_status.clone(),
+            )
+        };
         let workloads = self.workloads.lock().await;
         PolicyReport {
             root_namespace: set.root_namespace().to_owned(),
@@ -218,6 +240,52 @@ impl Agent {
                 .iter()
                 .map(|(key, running)| (key.to_string(), self.effective_policy(&running.spec)))
                 .collect(),
+            sources: sources
+                .into_iter()
+                .map(|(reference, source)| (reference.to_string(), source))
+                .collect(),
+            rejected,
+            api,
+        }
+    }
+
+    /// Follows the API server's PeerAuthentications (Kubernetes mode): every complete list
+    /// the watch publishes replaces the API source, and the kernel gets the new modes at
+    /// once. Until the first list, the objects saved by the previous run stay in force; a
+    /// missing CRD is an empty list. Each object is read alone, on the blocking pool: an
+    /// invalid one is refused, logged and shown by `policy list`, and the others apply. If
+    /// an earlier version of the same object (same UID) was valid, that version stays in
+    /// force until the object is fixed or deleted, so a typo never opens a STRICT pod.
+    pub async fn follow_api_policies(self: Arc<Self>, watch: Watch<RawPeerAuthentication>) {
+        let mut views = watch.subscribe();
+        let mut done: Option<Arc<View<RawPeerAuthentication>>> = None;
+        loop {
+            let view = views.borrow_and_update().clone();
+            lock(&self.policy).api_status = Some(ApiSourceStatus {
+                listed: view.status.synced,
+                crd_absent: view.status.absent,
+                objects: view.objects.len(),
+                errors: view.status.errors,
+                last_error: view.status.last_error.clone(),
+            });
+            let fresh = done.as_ref().is_none_or(|done| {
+                !(Arc::ptr_eq(&done.objects, &view.objects) || done.objects == view.objects)
+            });
+            if view.status.synced && fresh {
+                done = Some(view.clone());
+                let state = self.policy.clone();
+                match tokio::task::spawn_blocking(move || follow_api(&state, &view.objects)).await {
+                    Ok(true) => self.sync_kernel().await,
+                    Ok(false) => {}
+                    Err(e) => warn!("reading the API's PeerAuthentications failed: {e}"),
+                }
+            }
+            if views.changed().await.is_err() {
+                warn!(
+                    "the PeerAuthentication watch stopped; policies from the API stay as they are"
+                );
+                return;
+            }
         }
     }
 
@@ -294,6 +362,70 @@ fn reload(state: &SharedPolicy, dir: &Path) -> Reload {
         Ok(()) => Reload::Done,
         Err(e) => Reload::Refused(e),
     }
+}
+
+/// Makes `objects` (the API's complete list) the API source; says whether anything changed.
+fn follow_api(state: &SharedPolicy, objects: &BTreeMap<String, RawPeerAuthentication>) -> bool {
+    let mut valid = Vec::new();
+    let mut rejected = Vec::new();
+    let mut uids = Vec::new();
+    for raw in objects.values() {
+        match policy::api::from_api(&raw.object, raw.created_unix_ms) {
+            Ok(object) => valid.push(object),
+            Err(refusal) => {
+                let uid = raw.object["metadata"]["uid"].as_str().unwrap_or_default();
+                rejected.push(*refusal);
+                uids.push(uid.to_owned());
+            }
+        }
+    }
+    let mut state = lock(state);
+    for (refusal, uid) in rejected.iter_mut().zip(&uids) {
+        let previous = state
+            .sources
+            .api()
+            .iter()
+            .find(|old| old.policy.reference() == refusal.policy && &old.uid == uid);
+        if let Some(previous) = previous {
+            valid.push(previous.clone());
+            refusal.previous_in_force = true;
+        }
+    }
+    for refusal in &rejected {
+        if !state.rejected.contains(refusal) {
+            warn!(
+                policy = %refusal.policy,
+                "PeerAuthentication from the API refused, the others apply: {}: {}{}",
+                refusal.source,
+                refusal.reason,
+                if refusal.previous_in_force {
+                    "; its previous version stays in force"
+                } else {
+                    ""
+                }
+            );
+        }
+    }
+    if state.sources.api() == valid.as_slice() && state.rejected == rejected {
+        return false;
+    }
+    let mut next = state.sources.clone();
+    // Cannot fail: each object was checked alone, and the API holds one per namespace/name.
+    if let Err(e) = next.set_api(valid) {
+        warn!("policies from the API refused, previous ones kept: {e}");
+        return false;
+    }
+    if let Err(e) = state.save_sources(&next) {
+        warn!("{e}; the API's policies apply, but a restarted agent starts without them");
+    }
+    info!(
+        in_force = next.api().len(),
+        refused = rejected.len(),
+        "policies from the Kubernetes API updated"
+    );
+    state.sources = next;
+    state.rejected = rejected;
+    true
 }
 
 /// Names, sizes and modification times of the directory's entries.

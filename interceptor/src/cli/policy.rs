@@ -8,7 +8,7 @@ use super::{AdminSocket, status::parse_duration};
 use crate::{
     admin::{client, protocol::Request},
     dry_run::{self, DryRunReport, EXIT_WOULD_REFUSE},
-    policy::{self, PolicyChange, PolicyReport, Scope},
+    policy::{self, ApiSourceStatus, PolicyChange, PolicyReport, Scope},
     records::unix_ms,
 };
 
@@ -32,7 +32,8 @@ pub enum PolicyCommand {
         #[command(flatten)]
         admin: AdminSocket,
     },
-    /// Show active policies and the effective mode of each workload and port.
+    /// Show active policies, where each comes from (file, cli or api), and the effective mode
+    /// of each workload and port.
     List {
         /// Print JSON instead of tables.
         #[arg(long)]
@@ -158,6 +159,9 @@ pub fn run(command: PolicyCommand) -> anyhow::Result<ExitCode> {
 
 fn print_report(report: &PolicyReport) {
     println!("POLICIES (root namespace {})", report.root_namespace);
+    if let Some(api) = &report.api {
+        println!("  {}", api_line(api));
+    }
     if report.policies.is_empty() {
         println!("  none: every workload is PERMISSIVE");
     }
@@ -181,13 +185,34 @@ fn print_report(report: &PolicyReport) {
             .iter()
             .map(|(port, mode)| format!("{port}:{mode}"))
             .collect();
+        let from = report
+            .sources
+            .get(&p.reference().to_string())
+            .map(|source| format!("from {source}"))
+            .unwrap_or_default();
         println!(
             "  {:<40} {:<28} {:<11} {}",
             p.reference().to_string(),
             scope,
             p.mode.to_string(),
-            ports.join(" ")
+            [ports.join(" "), from].join(" ").trim()
         );
+    }
+    if !report.rejected.is_empty() {
+        println!("\nREFUSED (invalid objects of the Kubernetes API)");
+        for r in &report.rejected {
+            let kept = if r.previous_in_force {
+                "; its previous version stays in force"
+            } else {
+                "; not in force"
+            };
+            println!(
+                "  {:<40} {}: {}{kept}",
+                r.policy.to_string(),
+                r.source,
+                r.reason
+            );
+        }
     }
     println!("\nEFFECTIVE MODES");
     for (workload, effective) in &report.workloads {
@@ -195,5 +220,23 @@ fn print_report(report: &PolicyReport) {
         for (port, decision) in &effective.ports {
             println!("  {:<40} port {port:<5} {decision}", "");
         }
+    }
+}
+
+/// One line on the Kubernetes API as a policy source.
+fn api_line(api: &ApiSourceStatus) -> String {
+    let state = if !api.listed {
+        "not listed yet: the objects saved by the last run are in force".to_owned()
+    } else if api.crd_absent {
+        "no PeerAuthentication CRD installed: no policies from the API".to_owned()
+    } else {
+        format!("{} PeerAuthentication object(s) listed", api.objects)
+    };
+    match &api.last_error {
+        Some(error) => format!(
+            "Kubernetes API: {state} ({} error(s), last: {error})",
+            api.errors
+        ),
+        None => format!("Kubernetes API: {state}"),
     }
 }

@@ -34,6 +34,8 @@ pub struct RawPeerAuthentication {
     pub name: String,
     /// The whole object as JSON (`apiVersion`, `kind`, `metadata`, `spec`).
     pub object: serde_json::Value,
+    /// `metadata.creationTimestamp`, in milliseconds since the Unix epoch.
+    pub created_unix_ms: Option<i64>,
 }
 
 impl WatchObject for RawPeerAuthentication {
@@ -49,6 +51,11 @@ impl RawPeerAuthentication {
             namespace: object.metadata.namespace.clone()?,
             name: object.metadata.name.clone()?,
             object: serde_json::to_value(object).ok()?,
+            created_unix_ms: object
+                .metadata
+                .creation_timestamp
+                .as_ref()
+                .map(|time| time.0.as_millisecond()),
         })
     }
 }

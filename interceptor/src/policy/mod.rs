@@ -4,12 +4,15 @@
 //! YAML files exactly as Istio users write them ([`parse_str`], [`load_paths`]), with every
 //! input bounded ([`input`], [`parse`] limits), collected into an immutable [`PolicySet`],
 //! and resolved into the inbound mTLS mode of a workload and each of its ports
-//! ([`PolicySet::effective`]).
+//! ([`PolicySet::effective`]). Objects of the Kubernetes API are read one by one with the
+//! same parser ([`api::from_api`]); [`PolicySources`] merges files, CLI-applied batches and
+//! the API's objects.
 //!
 //! Resolution follows Istio's sidecar implementation (`ComposePeerAuthentication`) and the
 //! reference at <https://istio.io/latest/docs/reference/config/security/peer_authentication/>;
 //! see [`PolicySet::effective`] for the rules.
 
+pub mod api;
 mod change;
 mod decisions;
 pub mod input;
@@ -23,11 +26,12 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
+pub use api::{ApiSourceStatus, RejectedPolicy};
 pub use change::PolicyChange;
 pub use decisions::DecisionBook;
 pub use parse::{load_paths, parse_str};
 pub use resolve::{Decision, EffectivePolicy, PolicySet, WorkloadRef, validate};
-pub use sources::{PolicySources, SavedAge, SavedSources};
+pub use sources::{ApiPolicy, PolicySource, PolicySources, SavedAge, SavedSources};
 
 /// Istio's default root namespace: selector-less policies there are mesh-wide.
 pub const DEFAULT_ROOT_NAMESPACE: &str = "istio-system";
@@ -135,6 +139,15 @@ pub struct PolicyReport {
     pub policies: Vec<PeerAuthentication>,
     /// Effective mode per enrolled workload (`namespace/name`) and port.
     pub workloads: BTreeMap<String, EffectivePolicy>,
+    /// Where each policy of `policies` comes from, by `namespace/name`.
+    #[serde(default)]
+    pub sources: BTreeMap<String, PolicySource>,
+    /// Objects of the Kubernetes API that are invalid and not in force.
+    #[serde(default)]
+    pub rejected: Vec<RejectedPolicy>,
+    /// The Kubernetes API as a source; `None` when the agent is standalone.
+    #[serde(default)]
+    pub api: Option<ApiSourceStatus>,
 }
 
 /// Which scope a policy applies at, given the root namespace.
@@ -241,6 +254,14 @@ pub enum PolicyError {
     /// A policy to delete is not there.
     #[error("PeerAuthentication {0} not found; `interceptor policy list` shows the active ones")]
     NotFound(PolicyRef),
+    /// A policy to delete comes from the Kubernetes API only.
+    #[error(
+        "PeerAuthentication {0} comes from the Kubernetes API; delete it there \
+         (kubectl delete peerauthentication -n {ns} {name})",
+        ns = .0.namespace,
+        name = .0.name
+    )]
+    FromApi(PolicyRef),
     /// Errors left out of a long report.
     #[error("... and {0} more errors; fix the ones above first")]
     More(usize),

@@ -7,18 +7,24 @@
 //!
 //! With `--kubernetes` the same cast comes from the lab's API server: the agents run in
 //! Kubernetes mode, the pods are objects in namespaces labelled for the mesh, and the agents
-//! enroll, mark and remove them by themselves.
+//! enroll, mark and remove them by themselves; STRICT is turned on and off with a
+//! PeerAuthentication object of the API server instead of the CLI.
 
-use std::{net::Ipv4Addr, path::Path, process::Stdio, time::Instant};
+use std::{
+    net::Ipv4Addr,
+    path::Path,
+    process::Stdio,
+    time::{Duration, Instant},
+};
 
-use anyhow::{Context, bail};
+use anyhow::{Context, bail, ensure};
 use interceptor_tests::{
     fake_apiserver::{
-        Kind,
-        objects::{endpoint_slice, service},
+        FakeApiServer, Kind,
+        objects::{endpoint_slice, peer_authentication, service},
     },
     kube_lab::{
-        Driver, ENROLLED, keep_alive, kube_pod, kubernetes_lab, wait_enrolled, wait_marked,
+        Driver, ENROLLED, WITHIN, keep_alive, kube_pod, kubernetes_lab, wait_enrolled, wait_marked,
     },
     lab::{Lab, Pod},
     scenario::{start_fixture, walkthrough_lab},
@@ -60,7 +66,7 @@ fn standalone() -> anyhow::Result<()> {
     call(&lab, Caller::Outside, &url)?;
     show_status(&lab, 2)?;
 
-    strict_then_permissive(&lab, (&sleep, &url), &url, &policy_file, 3)?;
+    strict_then_permissive(&lab, (&sleep, &url), &url, Strict::Cli(&policy_file), 3)?;
 
     banner("Done; the lab is torn down.");
     Ok(())
@@ -137,7 +143,13 @@ fn kubernetes() -> anyhow::Result<()> {
     call(&lab, Caller::Outside, &pod_url)?;
     show_status(&lab, 2)?;
 
-    strict_then_permissive(&lab, (&sleep, &service_url), &pod_url, &policy_file(), 4)?;
+    strict_then_permissive(
+        &lab,
+        (&sleep, &service_url),
+        &pod_url,
+        Strict::Api(&server),
+        4,
+    )?;
 
     banner("6. kubectl delete pod position-tracker: node-2's agent removes it by itself");
     server
@@ -170,6 +182,14 @@ fn describe_pod(object: &Value) {
     );
 }
 
+/// How STRICT is turned on and off.
+enum Strict<'a> {
+    /// `interceptor policy apply <file>`, then `policy delete` (standalone).
+    Cli(&'a Path),
+    /// A PeerAuthentication object of the lab's API server, then its deletion (Kubernetes).
+    Api(&'a FakeApiServer),
+}
+
 /// Steps `first` and `first + 1` of both walkthroughs: the mesh-wide STRICT policy refuses
 /// the outside caller (calling `outside_url`) while the meshed pod (calling its URL) gets
 /// through; deleting it lets the caller in again.
@@ -177,37 +197,94 @@ fn strict_then_permissive(
     lab: &Lab,
     (sleep, sleep_url): (&Pod, &str),
     outside_url: &str,
-    policy_file: &Path,
+    strict: Strict<'_>,
     first: u8,
 ) -> anyhow::Result<()> {
-    banner(&format!(
-        "{first}. interceptor policy apply policies/mesh-strict.yaml: plaintext is refused"
-    ));
-    println!("{}", std::fs::read_to_string(policy_file)?);
-    println!(
-        "{}",
-        lab.cli_ok(
-            2,
-            &["policy", "apply", policy_file.to_str().context("path")?]
-        )?
-    );
+    let policy_file = policy_file();
+    match strict {
+        Strict::Cli(policy_file) => {
+            banner(&format!(
+                "{first}. interceptor policy apply policies/mesh-strict.yaml: plaintext is refused"
+            ));
+            println!("{}", std::fs::read_to_string(policy_file)?);
+            println!(
+                "{}",
+                lab.cli_ok(
+                    2,
+                    &["policy", "apply", policy_file.to_str().context("path")?]
+                )?
+            );
+        }
+        Strict::Api(server) => {
+            banner(&format!(
+                "{first}. kubectl apply -f policies/mesh-strict.yaml: the agents read the \
+                 PeerAuthentication from the API server, plaintext is refused"
+            ));
+            println!("{}", std::fs::read_to_string(&policy_file)?);
+            server.apply(peer_authentication(
+                "istio-system",
+                "default",
+                "STRICT",
+                &[],
+            ))?;
+            let took = wait_policy(lab, true)?;
+            println!(
+                "node-2's agent applied it {} ms after it was created\n",
+                took.as_millis()
+            );
+            println!("$ interceptor policy list    # on node-2: the policy's source is the API");
+        }
+    }
     println!("{}", lab.cli_ok(2, &["policy", "list"])?);
     call(lab, Caller::Outside, outside_url)?;
     println!("...while the meshed pod still gets through over mutual TLS:");
     call(lab, Caller::Pod(sleep, "sleep"), sleep_url)?;
     show_status(lab, 2)?;
 
-    banner(&format!(
-        "{}. interceptor policy delete default -n istio-system: back to PERMISSIVE",
-        first + 1
-    ));
-    println!(
-        "{}",
-        lab.cli_ok(2, &["policy", "delete", "default", "-n", "istio-system"])?
-    );
+    match strict {
+        Strict::Cli(_) => {
+            banner(&format!(
+                "{}. interceptor policy delete default -n istio-system: back to PERMISSIVE",
+                first + 1
+            ));
+            println!(
+                "{}",
+                lab.cli_ok(2, &["policy", "delete", "default", "-n", "istio-system"])?
+            );
+        }
+        Strict::Api(server) => {
+            banner(&format!(
+                "{}. kubectl delete peerauthentication default -n istio-system: back to PERMISSIVE",
+                first + 1
+            ));
+            server
+                .delete(Kind::PeerAuthentication, "istio-system", "default")
+                .context("the PeerAuthentication object")?;
+            let took = wait_policy(lab, false)?;
+            println!("node-2's agent dropped it after {} ms\n", took.as_millis());
+        }
+    }
     call(lab, Caller::Outside, outside_url)?;
     show_status(lab, 2)?;
     Ok(())
+}
+
+/// Waits until node 2's agent does (or does not) hold `istio-system/default` from the API;
+/// returns how long that took.
+fn wait_policy(lab: &Lab, present: bool) -> anyhow::Result<Duration> {
+    let start = Instant::now();
+    loop {
+        let report: Value = serde_json::from_str(&lab.cli_ok(2, &["policy", "list", "--json"])?)?;
+        if (report["sources"]["istio-system/default"]["kind"] == "api") == present {
+            return Ok(start.elapsed());
+        }
+        ensure!(
+            start.elapsed() < WITHIN,
+            "node-2's agent did not follow the API within {WITHIN:?}:\n{}",
+            lab.agent_log(2)
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
 
 enum Caller<'a> {
