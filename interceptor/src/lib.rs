@@ -19,6 +19,7 @@ pub mod directory;
 #[allow(unsafe_code)]
 pub mod ebpf;
 pub mod fsutil;
+pub mod graph;
 pub mod identity;
 pub mod kube;
 #[allow(unsafe_code)]
@@ -33,4 +34,5 @@ pub mod records;
 pub mod status;
 pub mod sync;
 pub mod tls;
+pub mod web;
 pub mod workloads;
