@@ -120,6 +120,12 @@ function nodeById(id) {
   return state.graph.nodes.find((n) => n.id === id);
 }
 
+// How a node is named in sentences: `ns/name`, `unknown 198.18.0.11`, `outside 1.2.3.4`.
+function displayName(node) {
+  if (node.kind === "workload") return node.label;
+  return `${node.kind === "unknown" ? "unknown" : "outside"} ${node.label}`;
+}
+
 function nodeTitle(node) {
   if (node.kind === "workload") return node.name || node.label;
   return node.kind === "unknown" ? "unknown caller" : "outside the mesh";
@@ -160,7 +166,7 @@ function fitText(text, full, width) {
 }
 
 // Layout: columns (or rows on a phone) by rank, callers first.
-function layout(graph, width) {
+function layout(graph, width, room) {
   const vertical = width < PHONE;
   const nodes = graph.nodes;
   const rank = new Map(nodes.map((n) => [n.id, 0]));
@@ -207,11 +213,11 @@ function layout(graph, width) {
   let height;
   if (!vertical) {
     const cols = compact.length;
-    const boxW = Math.max(170, Math.min(250, (width - 2 * pad - (cols - 1) * 230) / Math.max(cols, 1)));
+    const boxW = Math.max(170, Math.min(230, (width - 2 * pad - (cols - 1) * 320) / Math.max(cols, 1)));
     const boxH = 66;
-    const slot = 150;
     const tallest = Math.max(1, ...compact.map((l) => l.length));
-    height = Math.max(360, tallest * slot + 2 * pad);
+    const slot = Math.max(130, Math.min(230, (room - 2 * pad) / tallest));
+    height = Math.max(room, tallest * slot + 2 * pad);
     compact.forEach((layer, c) => {
       const x = cols === 1 ? (width - boxW) / 2 : pad + (c * (width - 2 * pad - boxW)) / (cols - 1);
       const top = (height - layer.length * slot) / 2;
@@ -269,14 +275,17 @@ function render() {
   renderSummary(graph);
 
   const drawn = document.getElementById("graph");
-  const { vertical, boxes, height } = layout(graph, width);
+  // On a wide screen the drawing fills the window below it; on a phone it takes what it needs.
+  const room = Math.max(360, window.innerHeight - canvas.getBoundingClientRect().top - 24);
+  const { vertical, boxes, height } = layout(graph, width, room);
   drawn.setAttribute("viewBox", `0 0 ${width} ${height}`);
   drawn.setAttribute("height", height);
   drawn.replaceChildren();
   const defs = svg("defs", {});
   for (const [name, colour] of [["mutual_tls", "#15803d"], ["plaintext", "#d97706"], ["dropped", "#dc2626"]]) {
     const marker = svg("marker", {
-      id: `arrow-${name}`, viewBox: "0 0 10 10", refX: 9, refY: 5, markerWidth: 7, markerHeight: 7, orient: "auto-start-reverse",
+      id: `arrow-${name}`, viewBox: "0 0 10 10", refX: 9, refY: 5, markerWidth: 11, markerHeight: 11,
+      markerUnits: "userSpaceOnUse", orient: "auto-start-reverse",
     });
     marker.append(
       name === "dropped"
@@ -293,6 +302,7 @@ function render() {
   const nodeLayer = svg("g", { class: "nodes" });
   drawn.append(edgeLayer, nodeLayer, pillLayer);
   const { out, inn } = ports(graph, boxes, vertical);
+  const placed = [];
   // Edges between the same two nodes bow apart so their labels do not overlap.
   const pairs = new Map();
   for (const e of graph.edges) {
@@ -307,25 +317,24 @@ function render() {
     const group = pairs.get([e.source, e.target].sort().join("\u0000"));
     const k = group.indexOf(e) - (group.length - 1) / 2;
     const bow = k * (vertical ? 84 : 62);
-    let d;
-    let mid;
+    let curve;
     if (!vertical) {
       const x0 = s.x + s.w;
       const y0 = out.get(e.id);
-      const x1 = t.x - 2;
+      const x1 = t.x - (e.outcome === "dropped" ? 10 : 2);
       const y1 = inn.get(e.id);
       const dx = Math.max(40, (x1 - x0) / 2);
-      d = `M${x0} ${y0} C${x0 + dx} ${y0 + bow} ${x1 - dx} ${y1 + bow} ${x1} ${y1}`;
-      mid = { x: (x0 + x1) / 2, y: (y0 + y1) / 2 + 0.75 * bow };
+      curve = [[x0, y0], [x0 + dx, y0 + bow], [x1 - dx, y1 + bow], [x1, y1]];
     } else {
       const x0 = out.get(e.id);
       const y0 = s.y + s.h;
       const x1 = inn.get(e.id);
-      const y1 = t.y - 2;
+      const y1 = t.y - (e.outcome === "dropped" ? 10 : 2);
       const dy = Math.max(40, (y1 - y0) / 2);
-      d = `M${x0} ${y0} C${x0 + bow} ${y0 + dy} ${x1 + bow} ${y1 - dy} ${x1} ${y1}`;
-      mid = { x: (x0 + x1) / 2 + 0.75 * bow, y: (y0 + y1) / 2 };
+      curve = [[x0, y0], [x0 + bow, y0 + dy], [x1 + bow, y1 - dy], [x1, y1]];
     }
+    const [p0, p1, p2, p3] = curve;
+    const d = `M${p0[0]} ${p0[1]} C${p1[0]} ${p1[1]} ${p2[0]} ${p2[1]} ${p3[0]} ${p3[1]}`;
     const kind = edgeClass(e);
     const selected = state.selected && state.selected.kind === "edge" && state.selected.id === e.id;
     const g = svg("g", {
@@ -339,14 +348,17 @@ function render() {
       role: "button",
     });
     g.append(
-      svg("title", {}, `${nodeById(e.source).label} → ${nodeById(e.target).label}: ${securityText(e)}, ${countText(e)}, ${policyText(e)}`),
+      svg("title", {}, `${displayName(nodeById(e.source))} → ${displayName(nodeById(e.target))}: ${securityText(e)}, ${countText(e)}, ${policyText(e)}`),
       svg("path", { class: "hit", d }),
       svg("path", { class: "line", d, "marker-end": `url(#arrow-${kind})` }),
     );
     edgeLayer.append(g);
     // The label goes in a layer above every line and box, so lines never cross it.
     const label = svg("g", { class: `edge-label ${kind}${selected ? " selected" : ""}`, "data-pill-of": e.id });
-    label.append(edgePill(e, mid, vertical));
+    const pill = edgePill(e, vertical);
+    const at = placeLabel(curve, pill, placed, [...boxes.values()]);
+    pill.node.setAttribute("transform", `translate(${at.x - pill.w / 2} ${at.y})`);
+    label.append(pill.node);
     pillLayer.append(label);
     const select = () => choose({ kind: "edge", id: e.id });
     for (const part of [g, label]) {
@@ -366,7 +378,7 @@ function render() {
   document.body.dataset.state = "live";
 }
 
-function edgePill(e, mid, compact) {
+function edgePill(e, compact) {
   const pill = svg("g", { class: "pill" });
   const icon = edgeIcon(e);
   const rect = svg("rect", { rx: 9 });
@@ -399,7 +411,7 @@ function edgePill(e, mid, compact) {
   }
   let w = x + 8;
   if (policy) {
-    fitText(policy, policy.textContent, 260);
+    fitText(policy, policy.textContent, 210);
     policy.setAttribute("x", 24);
     policy.setAttribute("y", 11.5);
     w = Math.max(w, 24 + policy.getComputedTextLength() + 10);
@@ -410,9 +422,35 @@ function edgePill(e, mid, compact) {
   rect.setAttribute("y", -h / 2);
   rect.setAttribute("width", w);
   rect.setAttribute("height", h);
-  pill.setAttribute("transform", `translate(${mid.x - w / 2} ${mid.y})`);
   pill.remove();
-  return pill;
+  return { node: pill, w, h };
+}
+
+function bezier([p0, p1, p2, p3], t) {
+  const u = 1 - t;
+  const at = (i) => u * u * u * p0[i] + 3 * u * u * t * p1[i] + 3 * u * t * t * p2[i] + t * t * t * p3[i];
+  return { x: at(0), y: at(1) };
+}
+
+// Where along its curve an edge's label goes: the middle, else the nearest spot where it
+// covers no other label and no box.
+function placeLabel(curve, pill, placed, boxes) {
+  const margin = 5;
+  const hits = (r) =>
+    placed.some((o) => r.x < o.x + o.w + margin && o.x < r.x + r.w + margin && r.y < o.y + o.h + margin && o.y < r.y + r.h + margin) ||
+    boxes.some((b) => r.x < b.x + b.w && b.x < r.x + r.w && r.y < b.y + b.h && b.y < r.y + r.h);
+  let best = null;
+  for (const t of [0.5, 0.42, 0.58, 0.34, 0.66, 0.27, 0.73, 0.2, 0.8]) {
+    const c = bezier(curve, t);
+    const r = { x: c.x - pill.w / 2, y: c.y - pill.h / 2, w: pill.w, h: pill.h };
+    if (!best) best = { c, r };
+    if (!hits(r)) {
+      best = { c, r };
+      break;
+    }
+  }
+  placed.push(best.r);
+  return best.c;
 }
 
 function nodeBox(n, b) {
@@ -489,7 +527,7 @@ function renderPanel() {
   panel.replaceChildren(
     el("h2", {}, graph.edges.length ? "Connections (click one for details)" : "Connections"),
     ...cards,
-    graph.edges.length ? null : el("p", { class: "note" }, "Nothing yet in this window."),
+    ...(graph.edges.length ? [] : [el("p", { class: "note" }, "Nothing yet in this window.")]),
     legend(),
   );
 }
@@ -502,7 +540,7 @@ function edgeCard(e) {
       : `${securityText(e)} · ${plural(e.connections, "connection")} · ${bytes(e.bytes_sent)} ↑ ${bytes(e.bytes_received)} ↓ · ${portsText(e)}`;
   card.append(
     iconSvg(edgeIcon(e), 22),
-    el("span", { class: "who" }, `${nodeById(e.source).label} → ${nodeById(e.target).label}`),
+    el("span", { class: "who" }, `${displayName(nodeById(e.source))} → ${displayName(nodeById(e.target))}`),
     el("span", { class: "what" }, what, e.failed ? el("span", { class: "bad" }, ` · ${e.failed} failed`) : null),
     el("span", { class: "why" }, e.security === "mutual_tls" && e.outcome !== "dropped" ? "both identities checked" : policyText(e)),
   );
@@ -554,7 +592,7 @@ function edgeDetails(e) {
   table.append(body);
   return [
     backButton(),
-    el("h2", {}, `${source.label} → ${target.label}`),
+    el("h2", {}, `${displayName(source)} → ${displayName(target)}`),
     facts([
       ["security", securityText(e)],
       ["decided by", e.security === "mutual_tls" && e.outcome !== "dropped" ? "mutual TLS: both identities checked" : e.policies.join("; ")],
@@ -633,11 +671,17 @@ function start() {
     state.text = "";
     poll();
   });
+  // Redraw when the drawing's width changes (window resized, phone turned); its height
+  // follows the drawing, so only the width is watched.
+  const canvas = document.getElementById("canvas");
+  let width = canvas.clientWidth;
   let resizing = null;
-  window.addEventListener("resize", () => {
+  new ResizeObserver(() => {
+    if (canvas.clientWidth === width) return;
+    width = canvas.clientWidth;
     clearTimeout(resizing);
-    resizing = setTimeout(() => state.graph && render(), 100);
-  });
+    resizing = setTimeout(() => state.graph && render(), 60);
+  }).observe(canvas);
   poll();
   setInterval(poll, POLL_MS);
 }
