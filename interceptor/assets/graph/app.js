@@ -213,7 +213,7 @@ function layout(graph, width, room) {
   let height;
   if (!vertical) {
     const cols = compact.length;
-    const boxW = Math.max(170, Math.min(230, (width - 2 * pad - (cols - 1) * 320) / Math.max(cols, 1)));
+    const boxW = Math.max(170, Math.min(230, (width - 2 * pad - (cols - 1) * 290) / Math.max(cols, 1)));
     const boxH = 66;
     const tallest = Math.max(1, ...compact.map((l) => l.length));
     const slot = Math.max(130, Math.min(230, (room - 2 * pad) / tallest));
@@ -277,9 +277,11 @@ function render() {
   const drawn = document.getElementById("graph");
   // On a wide screen the drawing fills the window below it; on a phone it takes what it needs.
   const room = Math.max(360, window.innerHeight - canvas.getBoundingClientRect().top - 24);
-  const { vertical, boxes, height } = layout(graph, width, room);
-  drawn.setAttribute("viewBox", `0 0 ${width} ${height}`);
-  drawn.setAttribute("height", height);
+  // A wide screen draws larger, so the names read at a glance.
+  const scale = width < PHONE ? 1 : Math.min(1.3, Math.max(1, width / 760));
+  const { vertical, boxes, height } = layout(graph, width / scale, room / scale);
+  drawn.setAttribute("viewBox", `0 0 ${width / scale} ${height}`);
+  drawn.setAttribute("height", height * scale);
   drawn.replaceChildren();
   const defs = svg("defs", {});
   for (const [name, colour] of [["mutual_tls", "#15803d"], ["plaintext", "#d97706"], ["dropped", "#dc2626"]]) {
