@@ -131,6 +131,7 @@ fn the_traffic_page_shows_the_walkthrough_with_a_padlock_on_the_meshed_edge_only
         Duration::from_secs(2),
     )?;
     let rows = rows.as_array().context("rows")?;
+    browser.screenshot(&output_dir("graph-test")?.join("traffic-edge-details.png"))?;
     ensure!(
         rows.len() == 1
             && rows[0].as_str().unwrap_or("").contains("dropped")

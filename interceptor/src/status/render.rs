@@ -36,12 +36,12 @@ pub fn report(report: &StatusReport, colour: bool, wide: bool) -> String {
         let identity = match (&w.identity, wide) {
             (None, _) => "-".to_owned(),
             (Some(identity), true) => identity.clone(),
-            (Some(identity), false) => fit_middle(&short_identity(identity), identity_width),
+            (Some(identity), false) => fit_name(&short_identity(identity), identity_width),
         };
         let workload = if wide {
             w.workload.clone()
         } else {
-            fit_middle(&w.workload, workload_width)
+            fit_name(&w.workload, workload_width)
         };
         let _ = writeln!(
             out,
@@ -164,7 +164,7 @@ fn narrow_row(r: &ConnectionRecord, colour: bool) -> String {
             Direction::Inbound => "in",
             Direction::Outbound => "out",
         },
-        fit_middle(
+        fit_name(
             &end_name(
                 c.source_workload.as_ref(),
                 c.source_identity.as_deref(),
@@ -172,7 +172,7 @@ fn narrow_row(r: &ConnectionRecord, colour: bool) -> String {
             ),
             21
         ),
-        fit_middle(
+        fit_name(
             &end_name(
                 c.destination_workload.as_ref(),
                 c.destination_identity.as_deref(),
@@ -213,12 +213,28 @@ fn short_reason(r: &ConnectionRecord) -> String {
     ["plaintext allowed: ", "plaintext refused: "]
         .iter()
         .find_map(|prefix| text.strip_prefix(prefix))
-        .map_or_else(|| text.clone(), str::to_owned)
+        .unwrap_or(&text)
+        .replace(" (mesh default, no policy)", " (mesh default)")
 }
 
-/// A name cut to `width` characters by replacing its middle with `…`, so that both the
-/// namespace and the end of the pod name stay readable.
-pub fn fit_middle(text: &str, width: usize) -> String {
+/// A `/`-separated name (`namespace/name`, `ns/sa/account`) cut to `width` characters: its
+/// first parts give way to `…` before its last one is cut, since the last names the pod.
+fn fit_name(text: &str, width: usize) -> String {
+    if text.chars().count() <= width {
+        return text.to_owned();
+    }
+    let mut rest = text;
+    while let Some((_, tail)) = rest.split_once('/') {
+        rest = tail;
+        if rest.chars().count() + 2 <= width {
+            return format!("…/{rest}");
+        }
+    }
+    fit_middle(rest, width)
+}
+
+/// A name cut to `width` characters by replacing its middle with `…`.
+fn fit_middle(text: &str, width: usize) -> String {
     let chars: Vec<char> = text.chars().collect();
     if chars.len() <= width {
         return text.to_owned();
@@ -233,7 +249,7 @@ pub fn fit_middle(text: &str, width: usize) -> String {
 }
 
 /// `text` cut to `width` characters, ending with `…` when cut.
-pub fn fit(text: &str, width: usize) -> String {
+fn fit(text: &str, width: usize) -> String {
     if text.chars().count() <= width {
         return text.to_owned();
     }
@@ -357,9 +373,14 @@ mod tests {
             narrow.contains("STRICT by istio-system/default"),
             "{narrow}"
         );
-        // Long names keep their start and their end.
+        // Long names keep their last part, the pod's name, as long as they can.
         assert!(
-            narrow.contains("a-namespace-wit…nd-on-0123456789 "),
+            narrow.contains("a-pod-name-that…nd-on-0123456789 "),
+            "{narrow}"
+        );
+        assert!(narrow.contains("…/a-service-account-name "), "{narrow}");
+        assert!(
+            narrow.contains(" a-pod-name…0123456789 a-pod-nam…0123456789 "),
             "{narrow}"
         );
         assert!(!narrow.contains("spiffe://"), "{narrow}");
@@ -388,6 +409,24 @@ mod tests {
         assert!(row.starts_with("01:02:03 in  198.18.0.11:40001"), "{row}");
         record.connection.source_identity = Some("spiffe://cluster.local/ns/foo/sa/sleep".into());
         assert!(record_row(record, false, false).contains(" foo/sa/sleep "));
+    }
+
+    #[test]
+    fn names_give_up_their_first_parts_first() {
+        assert_eq!(
+            fit_name("vehicles/position-tracker", 25),
+            "vehicles/position-tracker"
+        );
+        assert_eq!(
+            fit_name("vehicles/position-tracker", 20),
+            "…/position-tracker"
+        );
+        assert_eq!(
+            fit_name("vehicles/sa/position-tracker", 26),
+            "…/sa/position-tracker"
+        );
+        assert_eq!(fit_name("vehicles/position-tracker", 10), "posi…acker");
+        assert_eq!(fit_name("no-slash-but-long", 8), "no-…long");
     }
 
     #[test]
