@@ -510,6 +510,8 @@ function renderSummary(graph) {
 function choose(selection) {
   state.selected = selection;
   render();
+  // On a phone the details are below the drawing: bring them into view.
+  if (selection && window.innerWidth < PHONE) document.getElementById("panel").scrollIntoView({ behavior: "smooth" });
 }
 
 function renderPanel() {
@@ -573,21 +575,24 @@ function edgeDetails(e) {
   const source = nodeById(e.source);
   const target = nodeById(e.target);
   const table = el("table", { class: "conns", "data-connections-of": e.id });
-  table.append(
-    el("thead", {}, el("tr", {}, el("th", {}, "time"), el("th", {}, "from"), el("th", {}, "verdict"), el("th", {}, "bytes"), el("th", {}, "why"))),
-  );
+  table.append(el("thead", {}, el("tr", {}, el("th", {}, "time"), el("th", {}, "from"), el("th", {}, "outcome"))));
   const body = el("tbody", {});
   for (const r of e.recent) {
     const verdict = r.open ? "open" : r.verdict;
+    const why = (r.reason || (r.security === "mutual_tls" ? "mutual TLS" : "")).replace(/^plaintext (allowed|refused): /, "");
     body.append(
       el(
         "tr",
         { "data-record-id": r.id },
-        el("td", {}, clock(r.start_unix_ms)),
-        el("td", {}, r.source),
-        el("td", {}, el("span", { class: `tag ${r.verdict}` }, r.count > 1 ? `${verdict} ×${r.count}` : verdict)),
-        el("td", { class: "num" }, `${bytes(r.bytes_sent)} / ${bytes(r.bytes_received)}`),
-        el("td", {}, r.reason || (r.security === "mutual_tls" ? "mutual TLS" : "")),
+        el("td", { class: "nowrap" }, clock(r.start_unix_ms)),
+        el("td", { class: "nowrap mono" }, r.source),
+        el(
+          "td",
+          {},
+          el("span", { class: `tag ${r.verdict}` }, r.count > 1 ? `${verdict} ×${r.count}` : verdict),
+          ` ${bytes(r.bytes_sent)} / ${bytes(r.bytes_received)}`,
+          why ? el("div", { class: "why" }, why) : null,
+        ),
       ),
     );
   }
@@ -596,7 +601,8 @@ function edgeDetails(e) {
     backButton(),
     el("h2", {}, `${displayName(source)} → ${displayName(target)}`),
     facts([
-      ["security", securityText(e)],
+      ["security", e.security === "mutual_tls" ? "mutual TLS" : "plaintext"],
+      ["outcome", e.outcome === "dropped" ? "dropped by policy" : e.failed ? "allowed; some failed" : "allowed"],
       ["decided by", e.security === "mutual_tls" && e.outcome !== "dropped" ? "mutual TLS: both identities checked" : e.policies.join("; ")],
       ["connections", `${e.connections}${e.open ? ` (${e.open} open)` : ""}${e.failed ? `, ${e.failed} failed` : ""}`],
       ["bytes", `${bytes(e.bytes_sent)} sent, ${bytes(e.bytes_received)} received`],
