@@ -123,9 +123,9 @@ fn the_traffic_page_shows_the_walkthrough_with_a_padlock_on_the_meshed_edge_only
     );
 
     // Clicking an edge lists its connections.
-    browser.eval(&format!(
-        "document.querySelector('#graph g.edge[data-outcome=\"dropped\"]').dispatchEvent(new MouseEvent('click', {{bubbles: true}}))"
-    ))?;
+    browser.eval(
+        "document.querySelector('#graph g.edge[data-outcome=\"dropped\"]').dispatchEvent(new MouseEvent('click', {bubbles: true}))",
+    )?;
     let rows = browser.wait_for(
         "(() => { const t = document.querySelector('#panel table[data-connections-of]'); return t && [...t.querySelectorAll('tbody tr')].map(r => r.textContent); })()",
         Duration::from_secs(2),
