@@ -27,7 +27,14 @@ const CALL_TIMEOUT: Duration = Duration::from_secs(30);
 /// naming the fix, when there is none.
 pub fn chromium_bin() -> anyhow::Result<PathBuf> {
     if let Some(path) = std::env::var_os("INTERCEPTOR_CHROMIUM") {
-        return Ok(PathBuf::from(path));
+        let path = PathBuf::from(path);
+        ensure!(
+            path.is_file(),
+            "INTERCEPTOR_CHROMIUM={} is not a file: point it at a Chromium binary, or unset it \
+             and run `cargo xtask setup`, which installs Debian's chromium",
+            path.display()
+        );
+        return Ok(path);
     }
     std::env::var_os("PATH")
         .iter()
