@@ -187,6 +187,7 @@ fn the_traffic_page_shows_the_walkthrough_with_a_padlock_on_the_meshed_edge_only
         Duration::from_secs(5),
     )?;
     let took = called.elapsed();
+    eprintln!("the page showed the fourth call {took:?} after it returned");
     ensure!(
         took <= Duration::from_secs(2),
         "the page took {took:?} to show the fourth call"
