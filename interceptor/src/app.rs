@@ -114,6 +114,7 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
             records,
             counters,
             admission,
+            status: agent.clone(),
         });
         tasks.push(tokio::spawn(metrics::serve(listener, sources)));
     }

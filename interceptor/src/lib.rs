@@ -20,6 +20,7 @@ pub mod dry_run;
 #[allow(unsafe_code)]
 pub mod ebpf;
 pub mod fsutil;
+pub mod graph;
 pub mod identity;
 pub mod kube;
 #[allow(unsafe_code)]
@@ -35,4 +36,5 @@ pub mod services;
 pub mod status;
 pub mod sync;
 pub mod tls;
+pub mod web;
 pub mod workloads;

@@ -1,10 +1,11 @@
-//! The HTTP admin port: Prometheus metrics with Istio's names and labels, and the DaemonSet's
-//! probes. Readiness (`/healthz/ready`) is served only once the agent has loaded its kernel
-//! programs, restored its workloads and bound its admin socket (this server starts last).
-//! Liveness (`/healthz/live`) asks only that the runtime still answers: restarting helps a
-//! wedged agent, never one that waits for something else.
+//! The HTTP admin port: Prometheus metrics with Istio's names and labels, the DaemonSet's
+//! probes, and the traffic graph page ([`crate::web`]). Read-only. Readiness
+//! (`/healthz/ready`) is served only once the agent has loaded its kernel programs, restored
+//! its workloads and bound its admin socket (this server starts last). Liveness
+//! (`/healthz/live`) asks only that the runtime still answers: restarting helps a wedged
+//! agent, never one that waits for something else.
 
-use std::{fmt::Write as _, sync::Arc};
+use std::{fmt::Write as _, future::Future, pin::Pin, sync::Arc};
 
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
@@ -12,10 +13,19 @@ use tokio::{
 };
 
 use crate::{
+    admin::protocol::StatusReport,
     ebpf::CounterReader,
     proxy::admission::Admission,
     records::{MetricsSnapshot, RecordStore},
+    web,
 };
+
+/// Where the traffic graph's data comes from: the same report `interceptor status` gets, so
+/// the page and the CLI can never disagree. Implemented by the agent; read-only.
+pub trait StatusSource: Send + Sync {
+    /// Totals per workload, kernel counters and recent records, as `status` reports them.
+    fn status(&self) -> Pin<Box<dyn Future<Output = StatusReport> + Send + '_>>;
+}
 
 /// What the metrics port reads: narrow handles, not the agent.
 pub struct MetricsSources {
@@ -25,6 +35,8 @@ pub struct MetricsSources {
     pub counters: Arc<CounterReader>,
     /// Unauthenticated tunnel connections.
     pub admission: Arc<Admission>,
+    /// The status report behind the traffic graph page.
+    pub status: Arc<dyn StatusSource>,
 }
 
 /// Serves until the task is aborted.
@@ -42,26 +54,53 @@ async fn handle(mut stream: TcpStream, sources: Arc<MetricsSources>) {
         return;
     };
     let request = String::from_utf8_lossy(&request[..n]);
-    let path = request.split_whitespace().nth(1).unwrap_or("");
-    let (status, content_type, body) = match path {
-        "/metrics" => (
-            "200 OK",
-            "text/plain; version=0.0.4",
-            render(
-                &sources.records.metrics(),
-                &sources.counters.read(),
-                sources.admission.pending(),
+    let mut words = request.split_whitespace();
+    let method = words.next().unwrap_or("");
+    let target = words.next().unwrap_or("");
+    let (path, query) = target.split_once('?').unwrap_or((target, ""));
+    let mut headers = String::new();
+    let (status, content_type, body) = if method != "GET" && method != "HEAD" {
+        // Read-only: nothing on this port changes the agent.
+        headers.push_str("Allow: GET, HEAD\r\n");
+        (
+            "405 Method Not Allowed",
+            "text/plain; charset=utf-8",
+            "this port is read-only: only GET and HEAD\n".to_owned(),
+        )
+    } else {
+        match path {
+            "/metrics" => (
+                "200 OK",
+                "text/plain; version=0.0.4",
+                render(
+                    &sources.records.metrics(),
+                    &sources.counters.read(),
+                    sources.admission.pending(),
+                ),
             ),
-        ),
-        "/healthz/ready" => ("200 OK", "text/plain", "ready\n".to_owned()),
-        "/healthz/live" => ("200 OK", "text/plain", "alive\n".to_owned()),
-        _ => ("404 Not Found", "text/plain", "not found\n".to_owned()),
+            "/healthz/ready" => ("200 OK", "text/plain", "ready\n".to_owned()),
+            "/healthz/live" => ("200 OK", "text/plain", "alive\n".to_owned()),
+            _ => match web::route(path, query, sources.status.as_ref()).await {
+                Some(reply) => {
+                    let _ = write!(
+                        headers,
+                        "Content-Security-Policy: {}\r\nCache-Control: no-store\r\n",
+                        web::CONTENT_SECURITY_POLICY
+                    );
+                    (reply.status, reply.content_type, reply.body)
+                }
+                None => ("404 Not Found", "text/plain", "not found\n".to_owned()),
+            },
+        }
     };
     let response = format!(
-        "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nX-Content-Type-Options: nosniff\r\n{headers}Connection: close\r\n\r\n",
         body.len()
     );
     let _ = stream.write_all(response.as_bytes()).await;
+    if method != "HEAD" {
+        let _ = stream.write_all(body.as_bytes()).await;
+    }
 }
 
 /// Picks one counter out of an edge's counters.

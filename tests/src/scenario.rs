@@ -107,11 +107,25 @@ pub fn walkthrough_lab() -> anyhow::Result<(Lab, Pod, Pod)> {
 
 /// [`walkthrough_lab`] on a lab built with `options`.
 pub fn walkthrough_lab_with(options: LabOptions) -> anyhow::Result<(Lab, Pod, Pod)> {
+    walkthrough_cast(options, &[("app", "position-tracker")])
+}
+
+/// [`walkthrough_lab`] with these labels on the tracker.
+pub fn walkthrough_lab_labelled(
+    tracker_labels: &[(&str, &str)],
+) -> anyhow::Result<(Lab, Pod, Pod)> {
+    walkthrough_cast(LabOptions::default(), tracker_labels)
+}
+
+fn walkthrough_cast(
+    options: LabOptions,
+    tracker_labels: &[(&str, &str)],
+) -> anyhow::Result<(Lab, Pod, Pod)> {
     let mut lab = Lab::new(options)?;
     let sleep = lab.add_pod(1, "sleep", "foo")?;
     let tracker = lab.add_pod(2, "position-tracker", "vehicles")?;
     lab.enroll(&sleep, "sleep", &[("app", "sleep")])?;
-    lab.enroll(&tracker, "position-tracker", &[("app", "position-tracker")])?;
+    lab.enroll(&tracker, "position-tracker", tracker_labels)?;
     start_fixture(&mut lab, &tracker, "http", 8080)?;
     Ok((lab, sleep, tracker))
 }
@@ -131,4 +145,30 @@ pub fn daemonset_grace_period() -> anyhow::Result<Duration> {
         "deploy/base/daemonset.yaml: no DaemonSet with terminationGracePeriodSeconds",
     )?;
     Ok(Duration::from_secs(seconds))
+}
+
+/// The walkthrough's three calls to the tracker: from the meshed sleep pod (mutual TLS), from
+/// node 1 outside the mesh under PERMISSIVE (plaintext, allowed), then, after
+/// `policies/mesh-strict.yaml` is applied on node 2, from outside again (dropped).
+pub fn walkthrough_calls(lab: &Lab, sleep: &Pod, tracker: &Pod) -> anyhow::Result<()> {
+    let url = format!("http://{}:8080/vehicles/", tracker.ip);
+    let meshed = curl(lab.in_pod(sleep, "curl")?, &url, &[])?;
+    ensure!(meshed.status.success(), "meshed call: {meshed:?}");
+    let outside = curl(lab.on_node(1, "curl")?, &url, &[])?;
+    ensure!(outside.status.success(), "PERMISSIVE call: {outside:?}");
+    let policy =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../policies/mesh-strict.yaml");
+    let policy = policy
+        .to_str()
+        .ok_or_else(|| anyhow::anyhow!("policy path"))?;
+    lab.cli_ok(2, &["policy", "apply", policy])?;
+    let (outcome, _) = probe(
+        lab.on_node(1, fixture_bin()?)?,
+        &format!("{}:8080", tracker.ip),
+    )?;
+    ensure!(
+        outcome == "refused" || outcome == "reset",
+        "STRICT call gave {outcome}"
+    );
+    Ok(())
 }

@@ -156,6 +156,24 @@ fn status_shows_mutual_tls_plaintext_and_dropped_and_metrics_agree() -> anyhow::
         !table.contains('\x1b'),
         "no colour when stdout is not a terminal"
     );
+    // The default table fits 120 columns and names workloads; `-o wide` gives every field.
+    for line in table.lines() {
+        ensure!(
+            line.chars().count() <= 120,
+            "wider than 120 columns: {line:?}"
+        );
+    }
+    ensure!(
+        table.contains("foo/sleep") && !table.contains("spiffe://"),
+        "workloads and short identities: {table}"
+    );
+    let wide = lab.cli_ok(2, &["status", "-o", "wide"])?;
+    ensure!(
+        wide.contains("spiffe://cluster.local/ns/foo/sa/sleep")
+            && wide.contains(&format!("{}:", lab.node(1)?.underlay_ip))
+            && wide.lines().any(|l| l.chars().count() > 120),
+        "wide shows full identities and addresses: {wide}"
+    );
 
     // Metrics agree.
     let metrics = curl(

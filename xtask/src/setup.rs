@@ -51,6 +51,7 @@ pub fn setup() -> Result<()> {
     ensure_bpf_linker(&nightly)?;
     ensure_debian_packages()?;
     ensure_kubectl()?;
+    ensure_chromium()?;
     let mounts = fs::read_to_string("/proc/mounts").context("cannot read /proc/mounts")?;
     ensure_bpffs(&mounts)?;
     check_cgroup2(&mounts)?;
@@ -429,6 +430,48 @@ fn installed_packages(dpkg_query: &str) -> Vec<String> {
         .filter(|(_, status)| status.trim() == "install ok installed")
         .map(|(name, _)| name.split(':').next().unwrap_or(name).to_string())
         .collect()
+}
+
+/// The headless browser of the traffic graph's browser test and the demo's screenshot.
+const CHROMIUM_PACKAGE: &str = "chromium";
+
+/// Installs Debian's `chromium` unless dpkg reports it installed (~15 s, apart from the other
+/// packages so that a failure names it).
+fn ensure_chromium() -> Result<()> {
+    if chromium_installed()? {
+        println!("setup: chromium: ok");
+        return Ok(());
+    }
+    println!("setup: chromium: missing; installing (the traffic graph's browser test needs it)");
+    let hint = format!(
+        "run `apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y \
+         {CHROMIUM_PACKAGE}`"
+    );
+    for args in [
+        &["update"][..],
+        &["install", "-y", "--no-install-recommends", CHROMIUM_PACKAGE],
+    ] {
+        cmd::run(
+            Command::new("apt-get")
+                .args(args)
+                .env("DEBIAN_FRONTEND", "noninteractive"),
+        )
+        .with_context(|| format!("setup: chromium: FAILED: apt-get {}; {hint}", args[0]))?;
+    }
+    if !chromium_installed()? {
+        bail!("setup: chromium: FAILED: still not installed after apt-get; {hint}");
+    }
+    println!("setup: chromium: installed");
+    Ok(())
+}
+
+/// Whether dpkg reports [`CHROMIUM_PACKAGE`] fully installed.
+fn chromium_installed() -> Result<bool> {
+    let out = Command::new("dpkg-query")
+        .args(["-W", "-f=${Package}\t${Status}\n", CHROMIUM_PACKAGE])
+        .output()
+        .context("setup: chromium: FAILED: cannot run dpkg-query; install Chromium by hand")?;
+    Ok(!installed_packages(&String::from_utf8_lossy(&out.stdout)).is_empty())
 }
 
 /// Mounts bpffs at [`BPFFS`] unless it is already.

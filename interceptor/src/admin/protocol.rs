@@ -1,5 +1,7 @@
 //! Requests and responses on the admin socket.
 
+use std::collections::BTreeMap;
+
 use serde::{Deserialize, Serialize};
 
 use crate::{
@@ -91,6 +93,9 @@ pub struct WorkloadStatus {
     pub identity: Option<String>,
     /// Address, when enrolled.
     pub ip: Option<std::net::Ipv4Addr>,
+    /// Pod labels, when enrolled.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
     /// Connection and byte totals since the agent started.
     pub totals: WorkloadTotals,
 }

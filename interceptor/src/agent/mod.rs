@@ -150,6 +150,12 @@ impl AdminHandler for Agent {
     }
 }
 
+impl crate::metrics::StatusSource for Agent {
+    fn status(&self) -> std::pin::Pin<Box<dyn Future<Output = StatusReport> + Send + '_>> {
+        Box::pin(Agent::status(self))
+    }
+}
+
 /// Checks certificates often enough to renew each well before it expires.
 async fn rotate_certificates(agent: Arc<Agent>) {
     let period = (agent.config.cert_lifetime / 8).min(std::time::Duration::from_secs(60));
@@ -170,6 +176,7 @@ impl Agent {
                 workload: key.to_string(),
                 identity: Some(running.identity.to_string()),
                 ip: Some(running.ip),
+                labels: running.spec.labels.clone(),
                 totals: totals.get(key).copied().unwrap_or_default(),
             })
             .collect();
@@ -181,6 +188,7 @@ impl Agent {
                     workload: key.to_string(),
                     identity: None,
                     ip: None,
+                    labels: BTreeMap::new(),
                     totals: *totals,
                 }),
         );

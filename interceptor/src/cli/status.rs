@@ -10,13 +10,14 @@ use crate::{
         client,
         protocol::{Request, StatusReport},
     },
-    dry_run,
+    dry_run, graph,
     records::{ConnectionRecord, Security, Verdict, unix_ms},
-    status::render,
+    status::{graph as status_graph, render},
 };
 
 /// Show what the mesh did on this node: per workload, connections over mutual TLS, in
-/// plaintext and dropped, then recent connections, newest first.
+/// plaintext and dropped, then recent connections, newest first; or, with --graph, who talks
+/// to whom.
 #[derive(Debug, Args)]
 pub struct StatusArgs {
     /// Only dropped connections.
@@ -35,9 +36,13 @@ pub struct StatusArgs {
     #[arg(long, value_parser = parse_duration)]
     since: Option<Duration>,
     /// Keep running and print new records as they come.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "graph")]
     watch: bool,
-    /// Output format.
+    /// Who talks to whom: one line per kind of connection between two workloads or callers,
+    /// with a padlock on mutual TLS (the page on the agent's --metrics-addr draws the same).
+    #[arg(long)]
+    graph: bool,
+    /// Output format: `table` fits 120 columns, `wide` shows every field.
     #[arg(short = 'o', long, value_enum, default_value_t = Output::Table)]
     output: Output,
     #[command(flatten)]
@@ -47,8 +52,11 @@ pub struct StatusArgs {
 /// How status is printed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 enum Output {
-    /// A table for people.
+    /// A table for people, at most 120 columns: workloads instead of addresses where
+    /// known, short identities.
     Table,
+    /// The table with every field: addresses, full identities, duration, whole reasons.
+    Wide,
     /// JSON for scripts (schema in ARCHITECTURE.md).
     Json,
 }
@@ -124,10 +132,11 @@ impl Filter {
 /// Runs `interceptor status`.
 pub fn run(args: StatusArgs) -> anyhow::Result<()> {
     let filter = Filter::from_args(&args);
-    let colour = args.output == Output::Table && std::io::stdout().is_terminal();
+    let wide = args.output == Output::Wide;
+    let colour = args.output != Output::Json && std::io::stdout().is_terminal();
     if args.watch {
-        if args.output == Output::Table {
-            println!("{}", render::record_header());
+        if args.output != Output::Json {
+            println!("{}", render::record_header(wide));
         }
         client::stream(
             &args.admin.path,
@@ -138,7 +147,7 @@ pub fn run(args: StatusArgs) -> anyhow::Result<()> {
                         Output::Json => {
                             serde_json::to_string(&record).map_err(std::io::Error::other)?
                         }
-                        Output::Table => render::record_row(&record, colour),
+                        Output::Table | Output::Wide => render::record_row(&record, colour, wide),
                     };
                     use std::io::Write;
                     let mut out = std::io::stdout().lock();
@@ -153,10 +162,19 @@ pub fn run(args: StatusArgs) -> anyhow::Result<()> {
     let mut report: StatusReport = client::call(&args.admin.path, &Request::Status)?;
     report.records.retain(|record| filter.matches(record));
     report.records.reverse();
+    if args.graph {
+        let now = unix_ms(std::time::SystemTime::now());
+        let graph = graph::build(&report, args.since.map(|d| d.as_secs()), None, now);
+        match args.output {
+            Output::Json => println!("{}", serde_json::to_string_pretty(&graph)?),
+            Output::Table | Output::Wide => print!("{}", status_graph::render(&graph, colour)),
+        }
+        return Ok(());
+    }
     match args.output {
         Output::Json => println!("{}", serde_json::to_string_pretty(&report)?),
-        Output::Table => {
-            print!("{}", render::report(&report, colour));
+        Output::Table | Output::Wide => {
+            print!("{}", render::report(&report, colour, wide));
             print!(
                 "{}",
                 dry_run::render::plaintext_callers(&report.plaintext_callers)

@@ -69,6 +69,7 @@ fn record(
             destination: SocketAddr::new("198.19.2.10".parse().unwrap(), port),
             destination_identity: None,
             destination_workload: Some(tracker().key()),
+            destination_service: None,
             security,
         },
         verdict,

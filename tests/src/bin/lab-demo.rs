@@ -3,7 +3,9 @@
 //! Two nodes; a `sleep` pod on node 1 and a `position-tracker` pod on node 2, both meshed.
 //! A caller outside the mesh (a process on node 1, not in any pod) calls the tracker in
 //! plaintext: accepted under PERMISSIVE, reset under STRICT, accepted again once the policy is
-//! deleted. The meshed pod keeps working over mutual TLS throughout.
+//! deleted. The meshed pod keeps working over mutual TLS throughout. At the end, node 2's
+//! traffic graph: `status --graph`, and the page on its metrics port, saved as screenshots
+//! (under `target/demo/`, paths printed) by headless Chromium.
 //!
 //! With `--kubernetes` the same cast comes from the lab's API server: the agents run in
 //! Kubernetes mode, the pods are objects in namespaces labelled for the mesh, and the agents
@@ -19,6 +21,7 @@ use std::{
 
 use anyhow::{Context, bail, ensure};
 use interceptor_tests::{
+    browser::{Browser, chromium_bin, output_dir},
     fake_apiserver::{
         FakeApiServer, Kind,
         objects::{endpoint_slice, peer_authentication, service},
@@ -67,6 +70,11 @@ fn standalone() -> anyhow::Result<()> {
     show_status(&lab, 2)?;
 
     strict_then_permissive(&lab, (&sleep, &url), &url, Strict::Cli(&policy_file), 3)?;
+
+    banner("5. The traffic graph: interceptor status --graph, and the page on the metrics port");
+    println!("$ interceptor status --graph    # on node-2");
+    println!("{}", lab.cli_ok(2, &["status", "--graph"])?);
+    screenshots(&lab)?;
 
     banner("Done; the lab is torn down.");
     Ok(())
@@ -323,6 +331,28 @@ fn call(lab: &Lab, caller: Caller<'_>, url: &str) -> anyhow::Result<()> {
 fn show_status(lab: &Lab, node: u8) -> anyhow::Result<()> {
     println!("$ interceptor status    # on node-{node}");
     println!("{}", lab.cli_ok(node, &["status"])?);
+    Ok(())
+}
+
+/// Loads node 2's traffic page in headless Chromium and saves it at desktop and phone size.
+fn screenshots(lab: &Lab) -> anyhow::Result<()> {
+    let url = format!("http://{}/", lab.node(2)?.metrics_addr);
+    let dir = output_dir("demo")?;
+    let mut browser = Browser::launch(lab.on_node(2, chromium_bin()?)?, 1280, 800)?;
+    browser.set_viewport(1280, 800, 1.0, false)?;
+    browser.navigate(&url)?;
+    browser.wait_for(
+        "document.body.dataset.state === 'live'",
+        Duration::from_secs(10),
+    )?;
+    let desktop = dir.join("traffic-graph.png");
+    browser.screenshot(&desktop)?;
+    browser.set_viewport(390, 844, 2.0, true)?;
+    let phone = dir.join("traffic-graph-phone.png");
+    browser.screenshot(&phone)?;
+    println!("The page {url} (served by node-2's agent), as headless Chromium drew it:");
+    println!("  1280x800: {}", desktop.display());
+    println!("  phone (390x844): {}", phone.display());
     Ok(())
 }
 
