@@ -7,6 +7,7 @@
 
 mod bpf_linker;
 mod cmd;
+mod fuzz;
 mod image;
 mod run;
 mod setup;
@@ -78,6 +79,17 @@ enum Command {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// Setup, then run the libFuzzer targets of `fuzz/` (installs cargo-fuzz if missing): the
+    /// policy parser and resolver, the tunnel request, the admin request, mesh directory
+    /// entries and PeerAuthentication objects from the API, each from its checked-in seeds.
+    Fuzz {
+        /// How long to run each target.
+        #[arg(long, default_value_t = 600, value_parser = clap::value_parser!(u64).range(1..=86_400))]
+        seconds: u64,
+        /// Targets to run (all when none): policy, tunnel_request, admin_request, mesh_entry,
+        /// api_policy.
+        targets: Vec<String>,
+    },
     /// Setup, then the soak runs (`lab-soak` in interceptor-tests): a 20,000-connect flood of
     /// a tunnel port and memory over rounds of 10,000 connections (~5 min).
     Soak {
@@ -98,6 +110,7 @@ fn main() {
         Command::Demo { args } => run::demo(&args),
         Command::Bench { args } => run::bench(&args),
         Command::Soak { args } => run::soak(&args),
+        Command::Fuzz { seconds, targets } => fuzz::fuzz(seconds, &targets),
     };
     if let Err(err) = result {
         eprintln!("xtask: error: {err:#}");

@@ -1,0 +1,79 @@
+//! `cargo xtask fuzz`: the libFuzzer targets of `fuzz/` (cargo-fuzz), each run for a while
+//! from its checked-in seeds.
+//!
+//! The targets read untrusted input: a policy file, the tunnel port's request, an admin
+//! request, a mesh directory entry and a PeerAuthentication object from the Kubernetes API.
+//! Each run keeps what it learns in `fuzz/corpus/<target>` (not checked in) and starts from
+//! `fuzz/seeds/<target>` (checked in); a crash leaves its input in `fuzz/artifacts/<target>`,
+//! which becomes a regression test.
+
+use std::time::Instant;
+
+use anyhow::{Context, Result, bail};
+
+use crate::{cmd, run::step, setup};
+
+/// Every target, as named in fuzz/Cargo.toml.
+pub const TARGETS: [&str; 5] = [
+    "policy",
+    "tunnel_request",
+    "admin_request",
+    "mesh_entry",
+    "api_policy",
+];
+
+/// Runs `targets` (all when empty) for `seconds` each.
+pub fn fuzz(seconds: u64, targets: &[String]) -> Result<()> {
+    for target in targets {
+        if !TARGETS.contains(&target.as_str()) {
+            bail!("unknown fuzz target {target:?}; the targets are {TARGETS:?}");
+        }
+    }
+    setup::setup()?;
+    ensure_cargo_fuzz()?;
+    let toolchain = format!("+{}", setup::ebpf_channel()?);
+    let chosen: Vec<&str> = if targets.is_empty() {
+        TARGETS.to_vec()
+    } else {
+        targets.iter().map(String::as_str).collect()
+    };
+    let fuzz_dir = cmd::repo_root().join("fuzz");
+    for target in chosen {
+        let corpus = fuzz_dir.join("corpus").join(target);
+        std::fs::create_dir_all(&corpus).with_context(|| format!("{}", corpus.display()))?;
+        let seeds = fuzz_dir.join("seeds").join(target);
+        let started = Instant::now();
+        step(
+            &format!("fuzz {target} for {seconds} s"),
+            cmd::cargo([toolchain.as_str(), "fuzz", "run", target])
+                .arg(&corpus)
+                .arg(&seeds)
+                .args([
+                    "--",
+                    &format!("-max_total_time={seconds}"),
+                    "-print_final_stats=1",
+                ])
+                .current_dir(&fuzz_dir),
+        )?;
+        println!(
+            "xtask: fuzz {target}: no crash in {:.0} s",
+            started.elapsed().as_secs_f64()
+        );
+    }
+    Ok(())
+}
+
+/// Installs cargo-fuzz from crates.io when it is missing.
+fn ensure_cargo_fuzz() -> Result<()> {
+    let present = std::process::Command::new("cargo")
+        .args(["fuzz", "--version"])
+        .output()
+        .is_ok_and(|out| out.status.success());
+    if present {
+        return Ok(());
+    }
+    step(
+        "install cargo-fuzz",
+        &mut cmd::cargo(["install", "cargo-fuzz", "--locked"]),
+    )
+}
