@@ -29,17 +29,24 @@ use crate::services::{ServiceKey, ServiceLookup, ServiceSource, rotated};
 pub struct KubeServices {
     services: Watch<ServiceInfo>,
     slices: Watch<EndpointSliceInfo>,
-    /// Slice keys by Service, rebuilt when the slices view changes.
+    /// Slice keys by Service and by endpoint address, rebuilt when the slices view changes.
     index: Mutex<SliceIndex>,
     /// Bumped per lookup: successive connections start at successive backends.
     turn: AtomicUsize,
 }
 
-/// The slices of each Service (`namespace/name` → slice keys), for one slices view version.
+/// The slices of one slices view version, indexed so a lookup does not scan them all.
 #[derive(Default)]
 struct SliceIndex {
     version: Option<u64>,
-    by_service: Arc<BTreeMap<String, Vec<String>>>,
+    keys: Arc<SliceKeys>,
+}
+
+/// Slice keys by Service (`namespace/name`) and by endpoint address.
+#[derive(Default)]
+struct SliceKeys {
+    by_service: BTreeMap<String, Vec<String>>,
+    by_address: BTreeMap<IpAddr, Vec<String>>,
 }
 
 impl KubeServices {
@@ -53,18 +60,15 @@ impl KubeServices {
         }
     }
 
-    fn slices_by_service(
-        &self,
-        slices: &View<EndpointSliceInfo>,
-    ) -> Arc<BTreeMap<String, Vec<String>>> {
+    fn slice_keys(&self, slices: &View<EndpointSliceInfo>) -> Arc<SliceKeys> {
         let mut index = self.index.lock().unwrap_or_else(|e| e.into_inner());
         if index.version != Some(slices.status.version) {
             *index = SliceIndex {
                 version: Some(slices.status.version),
-                by_service: Arc::new(index_slices(slices)),
+                keys: Arc::new(index_slices(slices)),
             };
         }
-        index.by_service.clone()
+        index.keys.clone()
     }
 }
 
@@ -77,8 +81,8 @@ impl ServiceSource for KubeServices {
                 "the watches of Services and EndpointSlices have not listed them yet".into(),
             );
         }
-        let index = self.slices_by_service(&slices);
-        match resolve(&services, &slices, &index, destination) {
+        let keys = self.slice_keys(&slices);
+        match resolve(&services, &slices, &keys.by_service, destination) {
             ServiceLookup::Service { service, backends } => ServiceLookup::Service {
                 service,
                 backends: rotated(backends, self.turn.fetch_add(1, Ordering::Relaxed)),
@@ -88,7 +92,9 @@ impl ServiceSource for KubeServices {
     }
 
     fn headless_service_of(&self, backend: SocketAddrV4) -> Option<ServiceKey> {
-        headless_service(&self.services.current(), &self.slices.current(), backend)
+        let slices = self.slices.current();
+        let keys = self.slice_keys(&slices);
+        headless_service(&self.services.current(), &slices, &keys, backend)
     }
 }
 
@@ -96,37 +102,50 @@ impl ServiceSource for KubeServices {
 fn headless_service(
     services: &View<ServiceInfo>,
     slices: &View<EndpointSliceInfo>,
+    keys: &SliceKeys,
     backend: SocketAddrV4,
 ) -> Option<ServiceKey> {
-    slices.objects.values().find_map(|slice| {
-        let name = slice.service.as_ref()?;
-        let service = services
-            .objects
-            .get(&format!("{}/{name}", slice.namespace))?;
-        let serves = service.cluster_ips.is_empty()
-            && slice.ports.iter().any(|(_, port)| *port == backend.port())
-            && slice
-                .endpoints
-                .iter()
-                .any(|e| e.ready && e.addresses.contains(&IpAddr::V4(*backend.ip())));
-        serves.then(|| ServiceKey {
-            namespace: slice.namespace.clone(),
-            name: name.clone(),
+    let address = IpAddr::V4(*backend.ip());
+    let candidates = keys.by_address.get(&address).into_iter().flatten();
+    candidates
+        .filter_map(|k| slices.objects.get(k))
+        .find_map(|slice| {
+            let name = slice.service.as_ref()?;
+            let service = services
+                .objects
+                .get(&format!("{}/{name}", slice.namespace))?;
+            let serves = service.cluster_ips.is_empty()
+                && slice.ports.iter().any(|(_, port)| *port == backend.port())
+                && slice
+                    .endpoints
+                    .iter()
+                    .any(|e| e.ready && e.addresses.contains(&address));
+            serves.then(|| ServiceKey {
+                namespace: slice.namespace.clone(),
+                name: name.clone(),
+            })
         })
-    })
 }
 
-fn index_slices(slices: &View<EndpointSliceInfo>) -> BTreeMap<String, Vec<String>> {
-    let mut by_service: BTreeMap<String, Vec<String>> = BTreeMap::new();
+fn index_slices(slices: &View<EndpointSliceInfo>) -> SliceKeys {
+    let mut keys = SliceKeys::default();
     for (key, slice) in slices.objects.iter() {
         if let Some(service) = &slice.service {
-            by_service
+            keys.by_service
                 .entry(format!("{}/{service}", slice.namespace))
                 .or_default()
                 .push(key.clone());
         }
+        let addresses: std::collections::BTreeSet<&IpAddr> =
+            slice.endpoints.iter().flat_map(|e| &e.addresses).collect();
+        for address in addresses {
+            keys.by_address
+                .entry(*address)
+                .or_default()
+                .push(key.clone());
+        }
     }
-    by_service
+    keys
 }
 
 /// The chain of the module's documentation, on one snapshot of each watch; backends in a
@@ -254,8 +273,8 @@ mod tests {
     ) -> ServiceLookup {
         let services = view(services);
         let slices = view(slices);
-        let index = index_slices(&slices);
-        resolve(&services, &slices, &index, to.parse().unwrap())
+        let keys = index_slices(&slices);
+        resolve(&services, &slices, &keys.by_service, to.parse().unwrap())
     }
 
     fn backends(lookup: ServiceLookup) -> Vec<String> {
@@ -353,7 +372,8 @@ mod tests {
             ServiceLookup::NotAService
         );
         let (services, slices) = (view(services), view(slices));
-        let named = |to: &str| headless_service(&services, &slices, to.parse().unwrap());
+        let keys = index_slices(&slices);
+        let named = |to: &str| headless_service(&services, &slices, &keys, to.parse().unwrap());
         assert_eq!(
             named("198.19.2.10:5432").map(|k| k.to_string()).as_deref(),
             Some("shop/db")
