@@ -31,7 +31,7 @@ use crate::{
     limits::FdReserve,
     mesh::{Mesh, MeshSource},
     metrics::{self, MetricsSources},
-    proxy::{ProxyShared, admission::Admission},
+    proxy::{ProxyShared, admission::Admission, pool::TunnelMetrics},
     records::RecordStore,
     services::{NoServices, ServiceSource},
 };
@@ -71,6 +71,7 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
     };
     let mesh = Arc::new(Mesh::new(source));
     let admission = Admission::new(config.tunnel_limits);
+    let tunnels = Arc::new(TunnelMetrics::default());
     let shared = Arc::new(ProxyShared {
         original_dsts,
         mesh: mesh.clone(),
@@ -78,6 +79,8 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
         records: records.clone(),
         admission: admission.clone(),
         fd_reserve: FdReserve::new().context("opening the reserve descriptor")?,
+        pool_limits: config.pool_limits,
+        tunnels: tunnels.clone(),
     });
     let admin_socket = config.admin_socket.clone();
     let metrics_addr = config.metrics_addr;
@@ -114,6 +117,7 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
             records,
             counters,
             admission,
+            tunnels,
             status: agent.clone(),
         });
         tasks.push(tokio::spawn(metrics::serve(listener, sources)));

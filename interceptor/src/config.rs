@@ -35,4 +35,6 @@ pub struct AgentConfig {
     pub kubernetes: Option<crate::kube::ClientSource>,
     /// Deadlines and caps for unauthenticated connections on the tunnel ports.
     pub tunnel_limits: crate::proxy::admission::TunnelLimits,
+    /// Streams per pooled tunnel and how long an idle one stays open.
+    pub pool_limits: crate::proxy::pool::PoolLimits,
 }

@@ -15,7 +15,10 @@ use tokio::{
 use crate::{
     admin::protocol::StatusReport,
     ebpf::CounterReader,
-    proxy::admission::Admission,
+    proxy::{
+        admission::Admission,
+        pool::{TunnelFigures, TunnelMetrics},
+    },
     records::{MetricsSnapshot, RecordStore},
     web,
 };
@@ -35,6 +38,8 @@ pub struct MetricsSources {
     pub counters: Arc<CounterReader>,
     /// Unauthenticated tunnel connections.
     pub admission: Arc<Admission>,
+    /// Pooled tunnels per pod.
+    pub tunnels: Arc<TunnelMetrics>,
     /// The status report behind the traffic graph page.
     pub status: Arc<dyn StatusSource>,
 }
@@ -76,6 +81,7 @@ async fn handle(mut stream: TcpStream, sources: Arc<MetricsSources>) {
                     &sources.records.metrics(),
                     &sources.counters.read(),
                     sources.admission.pending(),
+                    &sources.tunnels.snapshot(),
                 ),
             ),
             "/healthz/ready" => ("200 OK", "text/plain", "ready\n".to_owned()),
@@ -105,13 +111,16 @@ async fn handle(mut stream: TcpStream, sources: Arc<MetricsSources>) {
 
 /// Picks one counter out of an edge's counters.
 type CounterOf = fn(&crate::records::EdgeCounters) -> u64;
+/// Picks one figure out of a pod's tunnel figures.
+type FigureOf = fn(&TunnelFigures) -> u64;
 
 /// The Prometheus text exposition of the agent's counters; `pending_tunnels` is the number of
-/// unauthenticated tunnel connections now.
+/// unauthenticated tunnel connections now, `tunnels` each pod's pooled tunnels.
 pub fn render(
     metrics: &MetricsSnapshot,
     kernel: &crate::admin::protocol::KernelCounters,
     pending_tunnels: usize,
+    tunnels: &[TunnelFigures],
 ) -> String {
     let mut out = String::new();
     let families: [(&str, &str, CounterOf); 4] = [
@@ -191,6 +200,38 @@ pub fn render(
         out,
         "# HELP {name} Tunnel connections not yet authenticated (handshake or request pending).\n# TYPE {name} gauge\n{name} {pending_tunnels}"
     );
+    let tunnel_families: [(&str, &str, &str, FigureOf); 3] = [
+        (
+            "interceptor_hbone_tunnels_opened_total",
+            "counter",
+            "Pooled HBONE tunnels (mutual-TLS HTTP/2 connections) opened for the pod's outbound connections",
+            |f| f.opened,
+        ),
+        (
+            "interceptor_hbone_streams_opened_total",
+            "counter",
+            "HBONE streams (one per meshed outbound connection) opened over the pod's tunnels",
+            |f| f.streams,
+        ),
+        (
+            "interceptor_hbone_tunnels_open",
+            "gauge",
+            "The pod's pooled HBONE tunnels open now",
+            |f| f.open,
+        ),
+    ];
+    for (name, kind, help, value) in tunnel_families {
+        let _ = writeln!(out, "# HELP {name} {help}.\n# TYPE {name} {kind}");
+        for figures in tunnels {
+            let _ = writeln!(
+                out,
+                "{name}{{workload=\"{}\",workload_namespace=\"{}\"}} {}",
+                escape(&figures.workload.name),
+                escape(&figures.workload.namespace),
+                value(figures)
+            );
+        }
+    }
     let kernel_counters = [
         (
             "interceptor_kernel_redirected_connects_total",

@@ -60,8 +60,9 @@ use tokio_rustls::{TlsAcceptor, TlsConnector, client, server};
 
 use crate::identity::{Identity, IdentityError, TrustBundle, WorkloadCert};
 
-/// ALPN protocol id both ends require.
-pub const ALPN_PROTOCOL: &[u8] = b"interceptor/1";
+/// ALPN protocol id both ends require: HTTP/2, which HBONE tunnels speak
+/// ([`crate::proxy::hbone`]).
+pub const ALPN_PROTOCOL: &[u8] = b"h2";
 /// DNS suffix of the server names produced by [`server_name_for`]
 /// (`.invalid` is reserved and never resolves).
 pub const SERVER_NAME_SUFFIX: &str = "id.interceptor.invalid";
@@ -220,41 +221,62 @@ fn mesh_provider() -> CryptoProvider {
 
 /// A workload's client and server configurations, replaced together when its
 /// certificate is renewed; connections in flight keep the ones they started with.
+/// Each renewal starts a new generation, so pooled tunnels made with an older
+/// certificate can be retired.
 #[derive(Debug)]
 pub struct PodTls {
-    configs: RwLock<(Arc<ClientConfig>, Arc<ServerConfig>)>,
+    configs: RwLock<Configs>,
+}
+
+#[derive(Debug)]
+struct Configs {
+    client: Arc<ClientConfig>,
+    server: Arc<ServerConfig>,
+    generation: u64,
 }
 
 impl PodTls {
     /// Configurations presenting `cert`.
     pub fn new(bundle: &TrustBundle, cert: &WorkloadCert) -> Result<PodTls, TlsError> {
         Ok(PodTls {
-            configs: RwLock::new(Self::build(bundle, cert)?),
+            configs: RwLock::new(Self::build(bundle, cert, 0)?),
         })
     }
 
-    /// Presents `cert` from the next connection on, with fresh session state.
+    /// Presents `cert` from the next connection on, with fresh session state,
+    /// as the next generation.
     pub fn renew(&self, bundle: &TrustBundle, cert: &WorkloadCert) -> Result<(), TlsError> {
-        let configs = Self::build(bundle, cert)?;
-        *crate::sync::write(&self.configs) = configs;
+        let mut configs = crate::sync::write(&self.configs);
+        *configs = Self::build(bundle, cert, configs.generation + 1)?;
         Ok(())
     }
 
-    /// The client configuration for a new outbound connection.
-    pub fn client(&self) -> Arc<ClientConfig> {
-        Arc::clone(&crate::sync::read(&self.configs).0)
+    /// The client configuration for a new outbound connection, with its generation.
+    pub fn client(&self) -> (Arc<ClientConfig>, u64) {
+        let configs = crate::sync::read(&self.configs);
+        (Arc::clone(&configs.client), configs.generation)
     }
 
     /// The server configuration for a new inbound connection.
     pub fn server(&self) -> Arc<ServerConfig> {
-        Arc::clone(&crate::sync::read(&self.configs).1)
+        Arc::clone(&crate::sync::read(&self.configs).server)
+    }
+
+    /// The current generation: 0, then one more at each renewal.
+    pub fn generation(&self) -> u64 {
+        crate::sync::read(&self.configs).generation
     }
 
     fn build(
         bundle: &TrustBundle,
         cert: &WorkloadCert,
-    ) -> Result<(Arc<ClientConfig>, Arc<ServerConfig>), TlsError> {
-        Ok((client_config(bundle, cert)?, server_config(bundle, cert)?))
+        generation: u64,
+    ) -> Result<Configs, TlsError> {
+        Ok(Configs {
+            client: client_config(bundle, cert)?,
+            server: server_config(bundle, cert)?,
+            generation,
+        })
     }
 }
 
@@ -809,7 +831,7 @@ mod tests {
         let client = PodTls::new(ca.trust_bundle(), &client_cert).unwrap();
         let connect_once = || async {
             let (server_side, client_side) =
-                handshake(&server.server(), &client.client(), &server_id).await;
+                handshake(&server.server(), &client.client().0, &server_id).await;
             let (mut server_side, mut client_side) =
                 (server_side.unwrap().0, client_side.unwrap().0);
             exchange(&mut server_side, &mut client_side).await;

@@ -43,6 +43,10 @@ fn pod_to_pod_over_mutual_tls_with_large_transfers_and_no_plaintext_on_the_wire(
 -> anyhow::Result<()> {
     let (mut lab, client, server) = two_node_lab()?;
     let url = |path: &str| format!("http://{}:{HTTP_PORT}{path}", server.ip);
+    // The capture on node 1's link to the underlay starts before the first call: calls share
+    // a pooled tunnel, whose TLS records can only be followed from its handshake on.
+    let capture = lab.dir.join("node1.pcap");
+    let tcpdump = start_capture(&mut lab, 1, &capture)?;
 
     let body = curl(lab.in_pod(&client, "curl")?, &url("/vehicles/"), &[])?;
     ensure!(
@@ -56,14 +60,12 @@ fn pod_to_pod_over_mutual_tls_with_large_transfers_and_no_plaintext_on_the_wire(
         "unexpected body {vehicles}"
     );
 
-    // 100 MB each way, with a capture on node 1's link to the underlay during the upload.
+    // 100 MB each way, the upload under the capture.
     const SIZE: u64 = 100 * 1024 * 1024;
     let upload_file = lab.dir.join("upload.bin");
     let marker = b"INTERCEPTOR-PLAINTEXT-MARKER-7f3a";
     write_marked_file(&upload_file, SIZE, marker)?;
     let expected_upload = sha256_file(&upload_file)?;
-    let capture = lab.dir.join("node1.pcap");
-    let tcpdump = start_capture(&mut lab, 1, &capture)?;
     let upload = curl(
         lab.in_pod(&client, "curl")?,
         &url("/upload"),

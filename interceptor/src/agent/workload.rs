@@ -171,6 +171,10 @@ impl Agent {
             ip,
             netns: netns.clone(),
             tls: pod_tls.clone(),
+            pool: proxy::pool::TunnelPool::new(
+                self.shared.pool_limits,
+                self.shared.tunnels.for_workload(&key),
+            ),
         });
         let tasks =
             proxy::start(pod, self.shared.clone()).map_err(|source| AgentError::Listeners {

@@ -9,7 +9,12 @@ use clap::Args;
 use tracing::{info, warn};
 use tracing_subscriber::EnvFilter;
 
-use crate::{config::AgentConfig, kube::ClientSource, limits, proxy::admission::TunnelLimits};
+use crate::{
+    config::AgentConfig,
+    kube::ClientSource,
+    limits,
+    proxy::{admission::TunnelLimits, pool::PoolLimits},
+};
 
 /// Run the node agent.
 ///
@@ -81,6 +86,13 @@ pub struct AgentArgs {
     /// are reset at once.
     #[arg(long, default_value_t = 512, value_parser = clap::value_parser!(u32).range(1..))]
     tunnel_max_pending_per_source: u32,
+    /// Most connections one pooled tunnel (an HTTP/2 connection to another pod's agent)
+    /// carries at once, as HBONE streams; more open another tunnel.
+    #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..=256))]
+    tunnel_max_streams: u32,
+    /// Seconds a pooled tunnel with no connections stays open before it is closed.
+    #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..=86_400))]
+    tunnel_idle_timeout_secs: u64,
     /// How log lines on stderr are written: `text` for people, `json` (one object per line,
     /// with timestamp, level, target, message and fields) for log collectors. RUST_LOG picks
     /// what is logged.
@@ -141,6 +153,10 @@ pub fn run(args: AgentArgs) -> anyhow::Result<()> {
         cert_lifetime: Duration::from_secs(args.cert_lifetime_secs),
         kubernetes: kubernetes.then(|| ClientSource::from_flag(args.kubeconfig.as_deref())),
         tunnel_limits,
+        pool_limits: PoolLimits {
+            max_streams: args.tunnel_max_streams as usize,
+            idle_timeout: Duration::from_secs(args.tunnel_idle_timeout_secs),
+        },
     };
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -8,7 +8,12 @@
 //! enters over the loopback device, which is how the kernel's door (sk_lookup) tells it from
 //! plaintext arriving at the pod's address.
 //!
-//! Until a caller has completed the handshake and sent its tunnel request it is
+//! A tunnel is an HTTP/2 connection (HBONE, [`super::hbone`]); each CONNECT request on it is
+//! one connection to the app, served in its own task, with its own record. A request that
+//! fails (malformed, or for a port nobody listens on) is answered with its status and fails
+//! alone; the tunnel and its other streams go on.
+//!
+//! Until a caller has completed the handshake and sent its first tunnel request it is
 //! unauthenticated: [`admit`] caps such connections per source and per agent, each stage has
 //! a deadline, and a connection refused in this stage is reset (`SO_LINGER` 0, so it leaves
 //! no state behind) and recorded as aggregated noise, so a flood cannot push the records of
@@ -19,14 +24,17 @@ use std::{
     sync::Arc,
 };
 
+use bytes::Bytes;
+use h2::{RecvStream, server::SendResponse};
 use tokio::{net::TcpStream, time::timeout};
 use tracing::debug;
 
 use super::{
     PodProxy, ProxyShared,
     admission::Permit,
-    header::{self, TunnelStatus},
-    relay,
+    hbone::{self, Outcome},
+    pool, relay,
+    stream::H2Stream,
 };
 use crate::{
     delivery,
@@ -76,7 +84,7 @@ pub(super) fn tunnel_connection(peer: SocketAddr, pod: &PodProxy) -> Connection 
     }
 }
 
-/// Serves one admitted connection.
+/// Serves one admitted connection: the handshake, then its streams until the tunnel ends.
 async fn handle(
     stream: TcpStream,
     peer: SocketAddr,
@@ -86,11 +94,12 @@ async fn handle(
 ) {
     let mut conn = tunnel_connection(peer, &pod);
     let limits = *shared.admission.limits();
+    pool::keep_alive(&stream);
     let handshake = timeout(
         limits.handshake_timeout,
         tls::accept(pod.tls.server(), relay::ReadAhead::new(stream)),
     );
-    let (mut tunnel, client) = match handshake.await {
+    let (tunnel, client) = match handshake.await {
         Ok(Ok(accepted)) => accepted,
         Ok(Err(e)) => {
             debug!(workload = %pod.workload, %peer, "tunnel handshake refused: {e}");
@@ -115,20 +124,39 @@ async fn handle(
             return;
         }
     };
+    // Authenticated by its certificate: from here on the tunnel closes gracefully (the
+    // HTTP/2 connection takes the socket, so this is the last chance to say so).
+    graceful_close(tunnel.get_ref().0.get_ref());
     conn.source_identity = Some(client.to_string());
     // The caller is authenticated; its workload name only labels the record.
     conn.source_workload = match shared.mesh.resolve(ip_of(peer)).await {
         Membership::Meshed(caller) => Some(caller.workload.clone()),
         _ => None,
     };
-    let port = match timeout(limits.request_timeout, header::read_request(&mut tunnel)).await {
-        Ok(Ok(port)) => port,
+    let first = timeout(limits.request_timeout, async {
+        let mut connection = hbone::server_builder()
+            .handshake::<_, Bytes>(tunnel)
+            .await?;
+        let first = connection.accept().await.transpose()?;
+        Ok::<_, h2::Error>((connection, first))
+    });
+    let (mut connection, first) = match first.await {
+        Ok(Ok((connection, Some(first)))) => (connection, first),
+        Ok(Ok((_, None))) => {
+            shared.records.refused_noise(
+                conn,
+                Verdict::Failed,
+                "request_failed",
+                "tunnel closed before its first request".to_owned(),
+            );
+            return;
+        }
         Ok(Err(e)) => {
             shared.records.refused_noise(
                 conn,
                 Verdict::Failed,
                 "request_failed",
-                format!("tunnel request: {e}"),
+                format!("tunnel request: not HTTP/2 (HBONE): {e}"),
             );
             return;
         }
@@ -145,34 +173,96 @@ async fn handle(
             return;
         }
     };
-    // Authenticated and asked for a port: from here on the connection closes gracefully.
+    // Authenticated and asked for a stream: it no longer counts as pending.
     drop(permit);
-    graceful_close(tunnel.get_ref().0.get_ref());
-    conn.destination = SocketAddr::V4(SocketAddrV4::new(pod.ip, port));
-    let app_addr = SocketAddrV4::new(pod.ip, port);
-    let mut app = match delivery::connect(&pod.netns, ip_of(peer), app_addr).await {
-        Ok(app) => app,
+    let caller = ip_of(peer);
+    let (request, respond) = first;
+    tokio::spawn(serve_stream(
+        request,
+        respond,
+        conn.clone(),
+        caller,
+        pod.clone(),
+        shared.clone(),
+    ));
+    loop {
+        match connection.accept().await {
+            Some(Ok((request, respond))) => {
+                tokio::spawn(serve_stream(
+                    request,
+                    respond,
+                    conn.clone(),
+                    caller,
+                    pod.clone(),
+                    shared.clone(),
+                ));
+            }
+            Some(Err(e)) => {
+                // Its streams fail with the same error, and their relays reset the apps.
+                debug!(workload = %pod.workload, %peer, "tunnel failed: {e}");
+                break;
+            }
+            None => break,
+        }
+    }
+}
+
+/// Serves one CONNECT request: connects to the app, answers, and relays. `conn` is the
+/// tunnel's record template (caller and identities).
+async fn serve_stream(
+    request: http::Request<RecvStream>,
+    mut respond: SendResponse<Bytes>,
+    mut conn: Connection,
+    caller: Ipv4Addr,
+    pod: Arc<PodProxy>,
+    shared: Arc<ProxyShared>,
+) {
+    let (parts, recv) = request.into_parts();
+    let asked = match hbone::parse_request(&parts, pod.ip, caller) {
+        Ok(asked) => asked,
         Err(e) => {
-            let status = if e.kind() == std::io::ErrorKind::ConnectionRefused {
-                TunnelStatus::Refused
-            } else {
-                TunnelStatus::Unreachable
-            };
-            let _ = header::write_status(&mut tunnel, status).await;
-            shared
-                .records
-                .refused(conn, Verdict::Failed, format!("{}: {e}", status.describe()));
+            let _ = respond.send_response(Outcome::BadRequest.response(), true);
+            shared.records.refused(
+                conn,
+                Verdict::Failed,
+                format!("tunnel request refused: {e}"),
+            );
             return;
         }
     };
-    if let Err(e) = header::write_status(&mut tunnel, TunnelStatus::Connected).await {
-        relay::reset(&app);
-        shared
-            .records
-            .refused(conn, Verdict::Failed, format!("tunnel status: {e}"));
-        return;
+    conn.destination = SocketAddr::V4(asked.destination);
+    if let Some(source) = asked.forwarded_for {
+        conn.source = SocketAddr::V4(source);
     }
-    relay::carry(shared.records.open(conn), &mut tunnel, &mut app).await;
+    let mut app = match delivery::connect(&pod.netns, caller, asked.destination).await {
+        Ok(app) => app,
+        Err(e) => {
+            let outcome = if e.kind() == std::io::ErrorKind::ConnectionRefused {
+                Outcome::Refused
+            } else {
+                Outcome::Unreachable
+            };
+            let _ = respond.send_response(outcome.response(), true);
+            shared.records.refused(
+                conn,
+                Verdict::Failed,
+                format!("{}: {e}", Outcome::describe_status(outcome.status())),
+            );
+            return;
+        }
+    };
+    let send = match respond.send_response(Outcome::Connected.response(), false) {
+        Ok(send) => send,
+        Err(e) => {
+            relay::reset(&app);
+            shared
+                .records
+                .refused(conn, Verdict::Failed, format!("tunnel response: {e}"));
+            return;
+        }
+    };
+    let mut stream = H2Stream::new(send, recv, None);
+    relay::carry(shared.records.open(conn), &mut stream, &mut app).await;
 }
 
 /// Clears the zero linger set at accept, so the connection ends with a FIN again.

@@ -5,15 +5,18 @@
 //!   to ([`outbound`]);
 //! - `<pod ip>:15008`, the mutual-TLS tunnel listener other agents connect to ([`inbound`]).
 //!
-//! Both ends of a tunnel speak the small header in [`header`] after the TLS handshake; bytes
-//! are then relayed by [`relay`]. Who may be unauthenticated on a tunnel port, and for how
-//! long, is [`admission`]'s business.
+//! Tunnels between agents speak HBONE ([`hbone`]): HTTP/2 CONNECT over mutual TLS, one
+//! stream ([`stream`]) per proxied connection, on tunnels pooled per pod ([`pool`]); bytes are
+//! relayed by [`relay`]. Who may be unauthenticated on a tunnel port, and for how long, is
+//! [`admission`]'s business.
 
 pub mod admission;
-pub mod header;
+pub mod hbone;
 pub mod inbound;
 pub mod outbound;
+pub mod pool;
 pub mod relay;
+pub mod stream;
 
 use std::{
     net::{Ipv4Addr, SocketAddr, SocketAddrV4},
@@ -52,6 +55,8 @@ pub struct PodProxy {
     pub netns: Arc<PodNetns>,
     /// TLS configurations with the pod's certificate (reused, so sessions resume).
     pub tls: Arc<PodTls>,
+    /// The pod's tunnels to other pods' agents.
+    pub pool: pool::TunnelPool,
 }
 
 /// Agent-wide state the proxies use.
@@ -68,6 +73,10 @@ pub struct ProxyShared {
     pub admission: Arc<admission::Admission>,
     /// The descriptor kept aside to reset connections while descriptors are exhausted.
     pub fd_reserve: FdReserve,
+    /// Limits of every pod's tunnel pool.
+    pub pool_limits: pool::PoolLimits,
+    /// Every pod's tunnel counters.
+    pub tunnels: Arc<pool::TunnelMetrics>,
 }
 
 /// Which of a pod's listeners an accept loop serves.

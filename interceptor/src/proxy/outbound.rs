@@ -1,8 +1,9 @@
 //! Outbound: connections a pod made, redirected by connect4 to the pod's 127.0.0.1:15001.
 //!
 //! The original destination comes from the kernel map. A destination in the mesh is reached
-//! over mutual TLS to its agent's tunnel port, and only that way; a destination outside the
-//! mesh is reached in plaintext. Sockets to the destination are made in the pod's network
+//! over mutual TLS to its agent's tunnel port, and only that way: as one HBONE stream on a
+//! tunnel from this pod's pool ([`super::pool`]). A destination outside the mesh is reached in
+//! plaintext. Sockets to the destination are made in the pod's network
 //! namespace, so they leave with the pod's address.
 //!
 //! A Service's virtual address ([`crate::services`]) is resolved here first: its meshed ready
@@ -17,20 +18,14 @@ use std::{
     sync::Arc,
 };
 
-use interceptor_common::TUNNEL_PORT;
 use tokio::net::TcpStream;
 use tracing::{debug, warn};
 
-use super::{
-    PodProxy, ProxyShared,
-    header::{self, TunnelStatus},
-    relay,
-};
+use super::{PodProxy, ProxyShared, relay, stream::H2Stream};
 use crate::{
     mesh::{Membership, MeshPeer},
     records::{Connection, Direction, Security, Verdict},
     services::{ServiceKey, ServiceLookup},
-    tls,
 };
 
 /// Serves one accepted connection.
@@ -90,7 +85,9 @@ async fn to_address(client: &mut TcpStream, target: Target, pod: &PodProxy, shar
     match shared.mesh.resolve(*target.destination.ip()).await {
         Membership::Meshed(peer) => {
             let conn = new_connection(&target, pod, Some(&peer), Security::MutualTls);
-            match tunnel_within_deadline(target.destination, &peer, pod, shared).await {
+            match stream_within_deadline(target.destination, target.source, &peer, pod, shared)
+                .await
+            {
                 Ok(mut tunnel) => {
                     relay::carry(shared.records.open(conn), client, &mut tunnel).await;
                 }
@@ -131,7 +128,7 @@ async fn to_service(
             break;
         }
         attempts += 1;
-        match tunnel_within_deadline(backend, &peer, pod, shared).await {
+        match stream_within_deadline(backend, target.source, &peer, pod, shared).await {
             Ok(mut tunnel) => {
                 let conn = new_connection(&target, pod, Some(&peer), Security::MutualTls);
                 relay::carry(shared.records.open(conn), client, &mut tunnel).await;
@@ -173,50 +170,28 @@ fn fail_closed(
     relay::reset(client);
 }
 
-/// [`open_tunnel`], bounded: the destination agent answers within its own deadlines; this
-/// one bounds an agent that does not answer at all.
-async fn tunnel_within_deadline(
+/// A stream to `destination` over a pooled tunnel, bounded: the destination agent answers
+/// within its own deadlines; this one bounds an agent that does not answer at all.
+async fn stream_within_deadline(
     destination: SocketAddrV4,
+    source: SocketAddr,
     peer: &MeshPeer,
     pod: &PodProxy,
     shared: &ProxyShared,
-) -> Result<tokio_rustls::client::TlsStream<relay::ReadAhead<TcpStream>>, String> {
+) -> Result<H2Stream, String> {
     let limits = shared.admission.limits();
     let deadline = limits.handshake_timeout + limits.request_timeout;
-    tokio::time::timeout(deadline, open_tunnel(destination, peer, pod))
-        .await
-        .unwrap_or_else(|_| {
-            Err(format!(
-                "the destination agent did not open the tunnel within {} s",
-                deadline.as_secs()
-            ))
-        })
-}
-
-/// Connects to the destination agent, verifies it is the destination workload, and asks it to
-/// connect to the destination port.
-async fn open_tunnel(
-    destination: SocketAddrV4,
-    peer: &MeshPeer,
-    pod: &PodProxy,
-) -> Result<tokio_rustls::client::TlsStream<relay::ReadAhead<TcpStream>>, String> {
-    let tcp = pod
-        .netns
-        .connect(SocketAddrV4::new(*destination.ip(), TUNNEL_PORT))
-        .await
-        .map_err(|e| format!("connecting to the destination agent: {e}"))?;
-    let (mut tunnel, _server) =
-        tls::connect(pod.tls.client(), &peer.identity, relay::ReadAhead::new(tcp))
-            .await
-            .map_err(|e| format!("mutual TLS with the destination agent: {e}"))?;
-    header::write_request(&mut tunnel, destination.port())
-        .await
-        .map_err(|e| format!("tunnel request: {e}"))?;
-    match header::read_status(&mut tunnel).await {
-        Ok(TunnelStatus::Connected) => Ok(tunnel),
-        Ok(status) => Err(status.describe().to_owned()),
-        Err(e) => Err(format!("tunnel status: {e}")),
-    }
+    tokio::time::timeout(
+        deadline,
+        pod.pool.stream(pod, &peer.identity, destination, source),
+    )
+    .await
+    .unwrap_or_else(|_| {
+        Err(format!(
+            "the destination agent did not open the tunnel within {} s",
+            deadline.as_secs()
+        ))
+    })
 }
 
 async fn plaintext(client: &mut TcpStream, target: &Target, pod: &PodProxy, shared: &ProxyShared) {

@@ -324,34 +324,29 @@ pub fn reset(stream: &TcpStream) {
     let _ = stream.set_zero_linger();
 }
 
-/// A stream the proxies relay, with the TCP socket under it (to reset it on failure).
-pub trait OverTcp: AsyncRead + AsyncWrite + Unpin {
-    /// The TCP socket that carries the stream.
-    fn tcp(&self) -> &TcpStream;
+/// A stream the proxies relay, which can be closed with a reset when the relay fails.
+pub trait Resettable: AsyncRead + AsyncWrite + Unpin {
+    /// Makes the end of this stream a reset, so its peer sees the failure at once: a TCP
+    /// reset for a socket, `RST_STREAM` for an HBONE stream.
+    fn reset(&mut self);
 }
 
-impl OverTcp for TcpStream {
-    fn tcp(&self) -> &TcpStream {
-        self
+impl Resettable for TcpStream {
+    fn reset(&mut self) {
+        reset(self);
     }
 }
 
-impl OverTcp for tokio_rustls::client::TlsStream<ReadAhead<TcpStream>> {
-    fn tcp(&self) -> &TcpStream {
-        self.get_ref().0.get_ref()
-    }
-}
-
-impl OverTcp for tokio_rustls::server::TlsStream<ReadAhead<TcpStream>> {
-    fn tcp(&self) -> &TcpStream {
-        self.get_ref().0.get_ref()
+impl Resettable for super::stream::H2Stream {
+    fn reset(&mut self) {
+        super::stream::H2Stream::reset(self);
     }
 }
 
 /// Relays between the caller and the destination, then closes the connection's record; after
 /// an error both sockets are reset, so neither peer waits. The one place a carried
 /// connection's record is closed (a task that ends early closes it by dropping it).
-pub async fn carry<A: OverTcp, B: OverTcp>(
+pub async fn carry<A: Resettable, B: Resettable>(
     record: OpenRecord,
     caller: &mut A,
     destination: &mut B,
@@ -359,8 +354,8 @@ pub async fn carry<A: OverTcp, B: OverTcp>(
     match relay(caller, destination).await {
         Ok(moved) => record.close(moved.to_destination, moved.to_caller, None),
         Err(e) => {
-            reset(caller.tcp());
-            reset(destination.tcp());
+            caller.reset();
+            destination.reset();
             record.close(0, 0, Some(format!("relay: {e}")));
         }
     }
