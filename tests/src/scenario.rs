@@ -172,3 +172,24 @@ pub fn walkthrough_calls(lab: &Lab, sleep: &Pod, tracker: &Pod) -> anyhow::Resul
     );
     Ok(())
 }
+
+/// The agent's `/metrics`, from inside its node's namespace.
+pub fn metrics(lab: &Lab, node: u8) -> anyhow::Result<String> {
+    let addr = lab.node(node)?.metrics_addr.clone();
+    let out = curl(
+        lab.on_node(node, "curl")?,
+        &format!("http://{addr}/metrics"),
+        &[],
+    )?;
+    anyhow::ensure!(out.status.success(), "metrics: {out:?}");
+    Ok(String::from_utf8(out.stdout)?)
+}
+
+/// Sum of a metric family's samples whose labels contain every one of `labels`.
+pub fn metric_sum(text: &str, family: &str, labels: &[&str]) -> u64 {
+    text.lines()
+        .filter(|l| l.starts_with(&format!("{family}{{")))
+        .filter(|l| labels.iter().all(|label| l.contains(label)))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum()
+}

@@ -17,7 +17,7 @@ use interceptor_tests::{
     },
     kube_lab::{Driver, keep_alive, kube_pod, kubernetes_lab, wait_enrolled},
     lab::{Lab, Pod},
-    scenario::{curl, records, start_fixture},
+    scenario::{curl, metrics, records, start_fixture},
 };
 use serde_json::{Value, json};
 
@@ -341,20 +341,4 @@ fn a_service_whose_backends_are_outside_the_mesh_goes_out_in_plaintext_to_the_vi
         "{served:#}"
     );
     Ok(())
-}
-
-/// `/metrics` of a node's agent.
-fn metrics(lab: &Lab, node: u8) -> anyhow::Result<String> {
-    let address = lab.node(node)?.metrics_addr.clone();
-    let out = curl(
-        lab.on_node(node, "curl")?,
-        &format!("http://{address}/metrics"),
-        &[],
-    )?;
-    ensure!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    Ok(String::from_utf8(out.stdout)?)
 }

@@ -10,7 +10,7 @@ use std::{
 use anyhow::{Context, ensure};
 use interceptor_tests::{
     lab::{Lab, LabOptions, Pod, fixture_bin},
-    scenario::{curl, records, start_fixture},
+    scenario::{curl, metric_sum, metrics, records, start_fixture},
 };
 use serde_json::Value;
 
@@ -80,27 +80,6 @@ fn json_output(child: Child) -> anyhow::Result<Value> {
 
 fn number(value: &Value, key: &str) -> u64 {
     value[key].as_u64().unwrap_or(u64::MAX)
-}
-
-/// The agent's /metrics, from inside its node's namespace.
-fn metrics(lab: &Lab, node: u8) -> anyhow::Result<String> {
-    let addr = lab.node(node)?.metrics_addr.clone();
-    let out = curl(
-        lab.on_node(node, "curl")?,
-        &format!("http://{addr}/metrics"),
-        &[],
-    )?;
-    ensure!(out.status.success(), "metrics: {out:?}");
-    Ok(String::from_utf8(out.stdout)?)
-}
-
-/// Sum of a metric family's samples whose labels contain every one of `labels`.
-fn metric_sum(text: &str, family: &str, labels: &[&str]) -> u64 {
-    text.lines()
-        .filter(|l| l.starts_with(&format!("{family}{{")))
-        .filter(|l| labels.iter().all(|label| l.contains(label)))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
-        .sum()
 }
 
 #[test]

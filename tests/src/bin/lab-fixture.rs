@@ -191,7 +191,10 @@ enum Fixture {
         timeout_ms: u64,
     },
     /// Opens connections to an echo server, checks each with a one-byte round trip, prints
-    /// "ready <n>", and holds them until stdin closes or the time limit passes.
+    /// "ready <n>", and holds them until stdin closes or the time limit passes. Each line
+    /// `check` on stdin makes it try one more round trip on every held connection (1 s read
+    /// timeout) and print JSON: how many answered (`ok`) or ended (`reset`, `eof`, `timeout`),
+    /// and the slowest in milliseconds.
     Hold {
         /// Destination (an echo server that serves a thread per connection).
         #[arg(long)]
@@ -755,16 +758,49 @@ fn hold(to: SocketAddr, connections: usize, max: Duration) -> anyhow::Result<()>
     }
     println!("ready {}", held.len());
     io::stdout().flush()?;
-    // Hold until the parent closes stdin, bounded by the time limit.
+    // Hold until the parent closes stdin, bounded by the time limit; check on request.
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
-        let mut sink = Vec::new();
-        let _ = io::stdin().read_to_end(&mut sink);
-        let _ = tx.send(());
+        for line in io::stdin().lines() {
+            let Ok(line) = line else { break };
+            if line.trim() == "check" && tx.send(true).is_err() {
+                return;
+            }
+        }
+        let _ = tx.send(false);
     });
-    let _ = rx.recv_timeout(max.saturating_sub(started.elapsed()));
+    while let Ok(true) = rx.recv_timeout(max.saturating_sub(started.elapsed())) {
+        println!("{}", check_held(&mut held));
+        io::stdout().flush()?;
+    }
     drop(held);
     Ok(())
+}
+
+/// One round trip on each held connection: how each went, and the slowest.
+fn check_held(held: &mut [TcpStream]) -> serde_json::Value {
+    let (mut ok, mut reset, mut eof, mut timeout, mut slowest) = (0, 0, 0, 0, 0u128);
+    for stream in held.iter_mut() {
+        let started = Instant::now();
+        let _ = stream.set_read_timeout(Some(Duration::from_secs(1)));
+        let mut back = [0u8; 1];
+        let outcome = stream.write_all(b"c").and_then(|()| stream.read(&mut back));
+        match outcome {
+            Ok(1) => ok += 1,
+            Ok(_) => eof += 1,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) =>
+            {
+                timeout += 1
+            }
+            Err(_) => reset += 1,
+        }
+        slowest = slowest.max(started.elapsed().as_millis());
+    }
+    serde_json::json!({"ok": ok, "reset": reset, "eof": eof, "timeout": timeout, "slowest_ms": slowest})
 }
 
 /// One idle connection being watched.
