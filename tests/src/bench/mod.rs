@@ -181,6 +181,10 @@ const ONCE_MANY: Service = Service {
     app_port: 7002,
 };
 
+/// How long the memory readings wait for the agents' allocator to return freed pages: more
+/// than the agent's jemalloc `dirty_decay_ms` (1 s, `interceptor/src/main.rs`).
+const MEMORY_SETTLE: Duration = Duration::from_millis(1_500);
+
 /// Holds a command at `read` until its standard input gets a line, then execs the program
 /// (`$0`) with its arguments in the same process, so it keeps the namespace and cgroup it was
 /// started in. Lets many clients start their measurement together.
@@ -786,13 +790,17 @@ impl Bench {
         let target = self.target(variant, ECHO);
         // Warm up: first connections set up sessions, caches and worker threads.
         self.hold(variant, target, 20, || Ok(()))?;
-        std::thread::sleep(Duration::from_millis(300));
+        // Both readings wait out the agents' allocator purge (jemalloc returns freed pages
+        // after `dirty_decay_ms`, 1 s): read sooner, the reading before still counted pages
+        // freed since the start and the growth came out too small, even 0.
+        std::thread::sleep(MEMORY_SETTLE);
         let before = tools::total_rss(&pids)?;
         let connections = self.sizes.hold_connections;
         let mut during = 0;
         self.hold(variant, target, connections, || {
-            // Let both agents finish setting up the last connections.
-            std::thread::sleep(Duration::from_millis(500));
+            // Let both agents finish setting up the last connections, and purge what the
+            // handshakes freed.
+            std::thread::sleep(MEMORY_SETTLE);
             during = tools::total_rss(&pids)?;
             Ok(())
         })?;

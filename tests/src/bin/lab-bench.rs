@@ -250,8 +250,10 @@ interceptor run of the two new-connection measurements, summed over the measured
 counter family missing before but present after counts from zero; missing after, or no \
 stream counted, gives no ratio (\"–\").\n\
 - Memory: {hold} idle connections held open (each checked with a 1 B round trip); the growth \
-of the resident set of both proxy processes. The agents are restarted before each round so \
-the growth is not hidden by memory freed earlier; stunnel keeps running.\n\
+of the resident set of both proxy processes, each reading taken 1.5 s after the last \
+connection opened, once the agents' allocator (jemalloc, 1 s dirty-page decay) has returned \
+what it freed. The agents are restarted before each round so the growth is not hidden by \
+memory freed earlier; stunnel keeps running.\n\
 - CPU per GB: user + system time of both proxy processes during each iperf3 run, divided by \
 the bytes iperf3 sent (GB = 10^9 bytes).\n\n\
 ### Every run\n\n{runs}\n\
