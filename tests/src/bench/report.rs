@@ -214,12 +214,13 @@ pub fn targets(rows: &[Row]) -> Vec<Target> {
     out.push(Target {
         goal: "new connections/s through the mesh, 1 client pod, ≥ 0.35× direct (moonshot ≥ 0.5×)"
             .into(),
-        measured: format!(
-            "{}× ({} against {} /s)",
-            fmt(vs_direct, 2),
-            fmt(rate.and_then(|r| r.of(Variant::Interceptor)), 0),
-            fmt(rate.and_then(|r| r.of(Variant::Direct)), 0),
-        ),
+        measured: measured(vs_direct, |v| {
+            format!(
+                "{v:.2}× ({} against {} /s)",
+                fmt(rate.and_then(|r| r.of(Variant::Interceptor)), 0),
+                fmt(rate.and_then(|r| r.of(Variant::Direct)), 0),
+            )
+        }),
         met: vs_direct.map(|v| v >= 0.35),
         moonshot: Some(vs_direct.map(|v| v >= 0.5)),
     });
@@ -235,7 +236,7 @@ pub fn targets(rows: &[Row]) -> Vec<Target> {
                 Some(m) => format!("1 B round trip {name} ≤ {limit}× direct (moonshot ≤ {m}×)"),
                 None => format!("1 B round trip {name} ≤ {limit}× direct"),
             },
-            measured: format!("{}× (+{} µs)", fmt(vs_direct, 2), fmt(added, 1)),
+            measured: measured(vs_direct, |v| format!("{v:.2}× (+{} µs)", fmt(added, 1))),
             met: vs_direct.map(|v| v <= limit),
             moonshot: moonshot.map(|m| vs_direct.map(|v| v <= m)),
         });
@@ -244,7 +245,7 @@ pub fn targets(rows: &[Row]) -> Vec<Target> {
         let vs_direct = row(key).and_then(Row::versus_direct);
         out.push(Target {
             goal: format!("throughput, {streams}, ≥ 0.5× direct"),
-            measured: format!("{}×", fmt(vs_direct, 2)),
+            measured: measured(vs_direct, |v| format!("{v:.2}×")),
             met: vs_direct.map(|v| v >= 0.5),
             moonshot: None,
         });
@@ -255,7 +256,7 @@ pub fn targets(rows: &[Row]) -> Vec<Target> {
         .map(|mib| mib * 1024.0 / 1000.0);
     out.push(Target {
         goal: "agent memory per idle proxied connection, both ends, ≤ 32 KiB".into(),
-        measured: format!("{} KiB", fmt(memory, 1)),
+        measured: measured(memory, |m| format!("{m:.1} KiB")),
         met: memory.map(|m| m <= 32.0),
         moonshot: None,
     });
@@ -263,12 +264,17 @@ pub fn targets(rows: &[Row]) -> Vec<Target> {
         let vs_stunnel = row(key).and_then(Row::versus_stunnel);
         out.push(Target {
             goal: format!("agent CPU per GB, both ends, {streams}, ≤ 0.5× stunnel"),
-            measured: format!("{}× stunnel", fmt(vs_stunnel, 2)),
+            measured: measured(vs_stunnel, |v| format!("{v:.2}× stunnel")),
             met: vs_stunnel.map(|v| v <= 0.5),
             moonshot: None,
         });
     }
     out
+}
+
+/// What a target measured, or "–" when it did not run.
+fn measured(value: Option<f64>, text: impl FnOnce(f64) -> String) -> String {
+    value.map_or_else(|| "–".into(), text)
 }
 
 /// A number with `decimals`, or "–" when missing.
@@ -490,6 +496,7 @@ mod tests {
         assert_eq!(targets[1].met, Some(true));
         assert_eq!(targets[1].moonshot, Some(Some(true)));
         assert_eq!(targets[2].met, None);
+        assert_eq!(targets[2].measured, "–");
         // Throughput 0.45× < 0.5×.
         assert_eq!(targets[3].met, Some(false));
         assert_eq!(targets[4].met, None);
