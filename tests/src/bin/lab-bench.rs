@@ -238,7 +238,7 @@ the server to close.\n\
 - New connections, {load_pods} client pods: {load_pods} more pods on node 1, each enrolled \
 with its own service account (so each is its own identity and no tunnel can be shared between \
 two of them), all calling the server pod at once: one `lab-fixture conn-rate` per pod with \
-{load_threads} client thread(s), the same {conn_ms} ms and {conn_message} B each way, held at \
+{load_threads} client thread each, the same {conn_ms} ms and {conn_message} B each way, held at \
 a gate (`sh -c 'read go && exec ...'`) until all are started and then let go together. The \
 rate is all their connections over the longest of their runs. **direct** runs the same \
 clients in the same {load_pods} network namespaces outside the pods' cgroups; **stunnel** \
