@@ -13,9 +13,17 @@
 //!   server pod's address, which delivers on the server pod's loopback. Their certificates are
 //!   issued by the lab's mesh CA for the same identities the agents present.
 //!
+//! A second new-connections measurement spreads the load over 50 client pods on node 1 (one
+//! identity each), all calling the server pod: the interceptor client runs in each pod, the
+//! direct client in each pod's namespace outside its cgroup, and for stunnel each pod has its
+//! own stunnel client (as a sidecar would), all to the one stunnel server. During both
+//! new-connections measurements the tunnel pool's reuse ratio is read from agent 1's metrics
+//! (see [`pool`]).
+//!
 //! Each metric runs every variant once per round, rounds interleaved and the order rotated per
 //! round; results are medians over rounds. Every load loop is bounded in count and time.
 
+pub mod pool;
 pub mod report;
 pub mod stats;
 pub mod stunnel;
@@ -71,7 +79,8 @@ pub enum Part {
     Throughput,
     /// Request/response latency on a held connection, 1 B and 1 KiB.
     Latency,
-    /// New connections per second.
+    /// New connections per second, from one client pod and from 50, with the tunnel pool's
+    /// reuse ratio.
     Connections,
     /// Proxy memory per idle connection.
     Memory,
@@ -94,6 +103,10 @@ pub struct Sizes {
     pub conn_threads: usize,
     /// Bytes of request (and of response) per new connection.
     pub conn_message: usize,
+    /// Client pods of the many-pods connection-rate run (0: no such run).
+    pub load_pods: usize,
+    /// Client threads per pod in that run.
+    pub load_threads: usize,
     /// Idle connections held for the memory measurement.
     pub hold_connections: usize,
 }
@@ -109,6 +122,8 @@ impl Sizes {
             conn_ms: 3_000,
             conn_threads: 8,
             conn_message: 64,
+            load_pods: 50,
+            load_threads: 1,
             hold_connections: 1_000,
         }
     }
@@ -123,6 +138,8 @@ impl Sizes {
             conn_ms: 1_000,
             conn_threads: 8,
             conn_message: 64,
+            load_pods: 50,
+            load_threads: 1,
             hold_connections: 200,
         }
     }
@@ -158,21 +175,42 @@ const ONCE: Service = Service {
     name: "once",
     app_port: 7001,
 };
+/// The one-shot echo server of the many-pods run, with enough workers for all its clients.
+const ONCE_MANY: Service = Service {
+    name: "once-many",
+    app_port: 7002,
+};
+
+/// How long the memory readings wait for the agents' allocator to return freed pages: more
+/// than the agent's jemalloc `dirty_decay_ms` (1 s, `interceptor/src/main.rs`).
+const MEMORY_SETTLE: Duration = Duration::from_millis(1_500);
+
+/// Holds a command at `read` until its standard input gets a line, then execs the program
+/// (`$0`) with its arguments in the same process, so it keeps the namespace and cgroup it was
+/// started in. Lets many clients start their measurement together.
+const GATE: &str = "read go && exec \"$0\" \"$@\"";
 
 /// The lab with its pods, servers and stunnel pair.
 pub struct Bench {
     lab: Lab,
     client: Pod,
     server: Pod,
+    /// The client pods of the many-pods run, on node 1.
+    load_pods: Vec<Pod>,
+    /// The stunnel client and server.
     stunnel_pids: Vec<u32>,
+    /// One stunnel client per load pod.
+    load_stunnel_pids: Vec<u32>,
     sizes: Sizes,
     /// Runs so far.
     pub runs: Vec<Run>,
 }
 
 impl Bench {
-    /// Builds the lab, enrolls the pods, and starts the servers and the stunnel pair.
-    pub fn setup(sizes: Sizes) -> anyhow::Result<Bench> {
+    /// Builds the lab, enrolls the pods, and starts the servers and the stunnel pair; with
+    /// `parts` including [`Part::Connections`], also the load pods of the many-pods run, each
+    /// with its stunnel client.
+    pub fn setup(sizes: Sizes, parts: &[Part]) -> anyhow::Result<Bench> {
         for tool in ["iperf3", "stunnel"] {
             let found = Command::new("sh")
                 .args(["-c", &format!("command -v {tool}")])
@@ -185,6 +223,19 @@ impl Bench {
         let server = lab.add_pod(2, "server", "default")?;
         lab.enroll(&client, "sleep", &[("app", "sleep")])?;
         lab.enroll(&server, "tracker", &[("app", "position-tracker")])?;
+        let load_count = if parts.contains(&Part::Connections) {
+            sizes.load_pods
+        } else {
+            0
+        };
+        let mut load_pods = Vec::with_capacity(load_count);
+        for i in 1..=load_count {
+            // One service account per pod: each pod is its own identity, so no pool can share
+            // a tunnel between two of them whatever it keys on.
+            let pod = lab.add_pod(1, &load_name(i), "default")?;
+            lab.enroll(&pod, &load_name(i), &[("app", "load")])?;
+            load_pods.push(pod);
+        }
         // Servers run in the server pod's namespace (outside its cgroup, so nothing of the
         // mesh observes the direct and stunnel variants); the agent delivers mesh traffic to
         // them on the pod's loopback.
@@ -210,22 +261,40 @@ impl Bench {
         ])
         .stdout(Stdio::null());
         lab.spawn(once)?;
-        for service in [IPERF, ECHO, ONCE] {
+        let mut services = vec![IPERF, ECHO, ONCE];
+        if !load_pods.is_empty() {
+            let mut once = lab.in_pod_netns(&server, &fixture)?;
+            once.args([
+                "echo",
+                "--port",
+                &ONCE_MANY.app_port.to_string(),
+                "--workers",
+                &(load_pods.len() * sizes.load_threads * 2).to_string(),
+                "--once",
+                &sizes.conn_message.to_string(),
+            ])
+            .stdout(Stdio::null());
+            lab.spawn(once)?;
+            services.push(ONCE_MANY);
+        }
+        for service in &services {
             wait_listening(&lab, &server, service.app_port)?;
         }
         let mut bench = Bench {
             lab,
             client,
             server,
+            load_pods,
             stunnel_pids: Vec::new(),
+            load_stunnel_pids: Vec::new(),
             sizes,
             runs: Vec::new(),
         };
-        bench.start_stunnel()?;
+        bench.start_stunnel(&services)?;
         Ok(bench)
     }
 
-    fn start_stunnel(&mut self) -> anyhow::Result<()> {
+    fn start_stunnel(&mut self, services: &[Service]) -> anyhow::Result<()> {
         let dir = self.lab.dir.join("stunnel");
         std::fs::create_dir_all(&dir)?;
         let ca_dir = self.lab.node(1)?.ca_dir.clone();
@@ -249,13 +318,17 @@ impl Bench {
         let client_creds = issue("sleep")?;
         let server_creds = issue("tracker")?;
         let ca_file = ca_dir.join(interceptor::identity::CA_CERT_FILE);
-        let services = [IPERF, ECHO, ONCE];
+        // The client pod's stunnel carries the single-pod services; the load pods' the one
+        // of the many-pods run.
+        let (many, single): (Vec<Service>, Vec<Service>) = services
+            .iter()
+            .partition(|s| s.app_port == ONCE_MANY.app_port);
         let server_conf = dir.join("server.conf");
         std::fs::write(
             &server_conf,
             stunnel::server_config(
                 self.server.ip,
-                &services,
+                services,
                 &ca_file,
                 &server_creds,
                 &dir.join("server.log"),
@@ -266,7 +339,7 @@ impl Bench {
             &client_conf,
             stunnel::client_config(
                 self.server.ip,
-                &services,
+                &single,
                 &ca_file,
                 &client_creds,
                 &dir.join("client.log"),
@@ -288,21 +361,59 @@ impl Bench {
         for service in services {
             wait_listening(&self.lab, &self.server, service.tunnel_port())
                 .context("stunnel server did not start; see its log in the lab directory")?;
+        }
+        for service in &single {
             wait_listening(&self.lab, &self.client, service.local_port())
                 .context("stunnel client did not start")?;
+        }
+        for (i, pod) in self.load_pods.iter().enumerate() {
+            let name = load_name(i + 1);
+            let creds = issue(&name)?;
+            let conf = dir.join(format!("{name}.conf"));
+            std::fs::write(
+                &conf,
+                stunnel::client_config(
+                    self.server.ip,
+                    &many,
+                    &ca_file,
+                    &creds,
+                    &dir.join(format!("{name}.log")),
+                ),
+            )?;
+            let mut client = self.lab.in_pod_netns(pod, "stunnel")?;
+            client
+                .arg(&conf)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null());
+            self.load_stunnel_pids.push(self.lab.spawn(client)?);
+        }
+        for pod in &self.load_pods {
+            wait_listening(&self.lab, pod, ONCE_MANY.local_port())
+                .with_context(|| format!("the stunnel client of {} did not start", pod.name))?;
         }
         Ok(())
     }
 
-    /// A command for the client side of `variant`.
+    /// A command for the client side of `variant`, in the client pod.
     fn client_command(
         &self,
         variant: Variant,
         program: impl AsRef<std::ffi::OsStr>,
     ) -> anyhow::Result<Command> {
+        self.command_in(variant, &self.client, program)
+    }
+
+    /// A command for the client side of `variant` in `pod`: inside it (namespace and cgroup)
+    /// for the interceptor, else in its namespace only.
+    fn command_in(
+        &self,
+        variant: Variant,
+        pod: &Pod,
+        program: impl AsRef<std::ffi::OsStr>,
+    ) -> anyhow::Result<Command> {
         match variant {
-            Variant::Interceptor => self.lab.in_pod(&self.client, program),
-            Variant::Direct | Variant::Stunnel => self.lab.in_pod_netns(&self.client, program),
+            Variant::Interceptor => self.lab.in_pod(pod, program),
+            Variant::Direct | Variant::Stunnel => self.lab.in_pod_netns(pod, program),
         }
     }
 
@@ -383,7 +494,12 @@ impl Bench {
                             self.latency(variant, round, 1)?;
                             self.latency(variant, round, 1024)?;
                         }
-                        Part::Connections => self.connections(variant, round)?,
+                        Part::Connections => {
+                            self.connections(variant, round)?;
+                            if !self.load_pods.is_empty() {
+                                self.connections_many(variant, round)?;
+                            }
+                        }
                         Part::Memory => {
                             if variant != Variant::Direct {
                                 self.memory(variant, round)?;
@@ -505,10 +621,12 @@ impl Bench {
             "1000000",
         ]);
         let pids = self.proxy_pids(variant)?;
+        let pool_before = self.scrape_pool(variant)?;
         let cpu_before = tools::total_cpu(&pids)?;
         let limit = Duration::from_millis(self.sizes.conn_ms) + Duration::from_secs(30);
         let mut result = last_json(&run_bounded(command, limit)?)?;
         let cpu = tools::total_cpu(&pids)? - cpu_before;
+        let reuse = self.reuse_since(pool_before, std::slice::from_ref(&self.client))?;
         let connections = number(&result, "/connections")?;
         let errors = number(&result, "/errors")?;
         ensure!(
@@ -519,14 +637,144 @@ impl Bench {
         if connections > 0.0 && !pids.is_empty() {
             result["proxy_cpu_us_per_connection"] = json!(cpu * 1e6 / connections);
         }
+        if let Some(reuse) = &reuse {
+            result["pool"] = reuse.detail();
+        }
         self.record(
             "conn_rate",
             variant,
             round,
             number(&result, "/per_sec")?,
-            result,
+            result.clone(),
         );
+        if let Some(ratio) = reuse.as_ref().and_then(pool::Reuse::ratio) {
+            self.record("reuse_1", variant, round, ratio, result["pool"].clone());
+        }
         Ok(())
+    }
+
+    /// New connections from every load pod at once to the server pod: one `conn-rate` per
+    /// pod, all started together through [`GATE`]; the rate is all their connections over the
+    /// longest run.
+    fn connections_many(&mut self, variant: Variant, round: usize) -> anyhow::Result<()> {
+        let fixture = fixture_bin()?;
+        let target = self.target(variant, ONCE_MANY).to_string();
+        let mut commands = Vec::with_capacity(self.load_pods.len());
+        for pod in &self.load_pods {
+            let mut command = self.command_in(variant, pod, "sh")?;
+            command
+                .args(["-c", GATE])
+                .arg(&fixture)
+                .args(["conn-rate", "--to", &target, "--size"])
+                .arg(self.sizes.conn_message.to_string())
+                .arg("--threads")
+                .arg(self.sizes.load_threads.to_string())
+                .arg("--duration-ms")
+                .arg(self.sizes.conn_ms.to_string())
+                .args(["--max", "1000000"]);
+            commands.push(command);
+        }
+        let pids = match variant {
+            Variant::Stunnel => {
+                let mut pids = self.load_stunnel_pids.clone();
+                // The stunnel server (the client pod's stunnel client is idle here).
+                pids.extend(self.stunnel_pids.get(1));
+                pids
+            }
+            _ => self.proxy_pids(variant)?,
+        };
+        let pool_before = self.scrape_pool(variant)?;
+        let cpu_before = tools::total_cpu(&pids)?;
+        let limit = Duration::from_millis(self.sizes.conn_ms) + Duration::from_secs(30);
+        let finished = tools::run_together(commands, limit)?;
+        let cpu = tools::total_cpu(&pids)? - cpu_before;
+        let reuse = self.reuse_since(pool_before, &self.load_pods)?;
+        let per_pod = finished
+            .iter()
+            .map(last_json)
+            .collect::<anyhow::Result<Vec<Value>>>()?;
+        let sum = |pointer: &str| -> anyhow::Result<f64> {
+            per_pod.iter().map(|r| number(r, pointer)).sum()
+        };
+        let (connections, errors) = (sum("/connections")?, sum("/errors")?);
+        let secs: Vec<f64> = per_pod
+            .iter()
+            .map(|r| number(r, "/secs"))
+            .collect::<anyhow::Result<_>>()?;
+        let longest = secs.iter().copied().fold(0.0, f64::max);
+        let shortest = secs.iter().copied().fold(f64::INFINITY, f64::min);
+        ensure!(
+            errors <= connections / 100.0,
+            "{}, {} pods: {errors} failed connections of {connections}; last errors: {:?}",
+            variant.name(),
+            per_pod.len(),
+            per_pod
+                .iter()
+                .filter_map(|r| r["last_error"].as_str())
+                .take(3)
+                .collect::<Vec<_>>()
+        );
+        ensure!(longest > 0.0, "no conn-rate run took any time: {per_pod:?}");
+        let mut detail = json!({
+            "pods": per_pod.len(),
+            "threads_per_pod": self.sizes.load_threads,
+            "connections": connections,
+            "errors": errors,
+            "secs_longest": longest,
+            "secs_shortest": shortest,
+            "per_pod_connections": per_pod.iter().map(|r| r["connections"].clone()).collect::<Vec<_>>(),
+            "per_pod_p50_us": per_pod.iter().map(|r| r["p50_us"].clone()).collect::<Vec<_>>(),
+            "per_pod_p99_us": per_pod.iter().map(|r| r["p99_us"].clone()).collect::<Vec<_>>(),
+        });
+        if connections > 0.0 && !pids.is_empty() {
+            detail["proxy_cpu_us_per_connection"] = json!(cpu * 1e6 / connections);
+        }
+        if let Some(reuse) = &reuse {
+            detail["pool"] = reuse.detail();
+        }
+        self.record(
+            "conn_rate_50",
+            variant,
+            round,
+            connections / longest,
+            detail.clone(),
+        );
+        if let Some(ratio) = reuse.as_ref().and_then(pool::Reuse::ratio) {
+            self.record("reuse_50", variant, round, ratio, detail["pool"].clone());
+        }
+        Ok(())
+    }
+
+    /// For the interceptor, the pool counters of agent 1 (the client side) now.
+    fn scrape_pool(&self, variant: Variant) -> anyhow::Result<Option<pool::Scrape>> {
+        if variant != Variant::Interceptor {
+            return Ok(None);
+        }
+        let url = format!("http://{}/metrics", self.lab.node(1)?.metrics_addr);
+        let mut curl = self.lab.on_node(1, "curl")?;
+        curl.args(["-sS", "--fail", "--max-time", "5", &url]);
+        let finished = run_bounded(curl, Duration::from_secs(10))
+            .context("reading agent 1's /metrics for the pool counters")?;
+        Ok(Some(pool::Scrape::parse(&finished.stdout)))
+    }
+
+    /// The pool's reuse over `pods` since `before` (the interceptor only).
+    fn reuse_since(
+        &self,
+        before: Option<pool::Scrape>,
+        pods: &[Pod],
+    ) -> anyhow::Result<Option<pool::Reuse>> {
+        let Some(before) = before else {
+            return Ok(None);
+        };
+        let after = self
+            .scrape_pool(Variant::Interceptor)?
+            .context("pool counters")?;
+        let keys: Vec<pool::PodKey> = pods
+            .iter()
+            .map(|p| (p.namespace.clone(), p.name.clone()))
+            .collect();
+        Ok(Some(pool::Reuse::between(&before, &after, &keys)))
     }
 
     fn memory(&mut self, variant: Variant, round: usize) -> anyhow::Result<()> {
@@ -542,13 +790,17 @@ impl Bench {
         let target = self.target(variant, ECHO);
         // Warm up: first connections set up sessions, caches and worker threads.
         self.hold(variant, target, 20, || Ok(()))?;
-        std::thread::sleep(Duration::from_millis(300));
+        // Both readings wait out the agents' allocator purge (jemalloc returns freed pages
+        // after `dirty_decay_ms`, 1 s): read sooner, the reading before still counted pages
+        // freed since the start and the growth came out too small, even 0.
+        std::thread::sleep(MEMORY_SETTLE);
         let before = tools::total_rss(&pids)?;
         let connections = self.sizes.hold_connections;
         let mut during = 0;
         self.hold(variant, target, connections, || {
-            // Let both agents finish setting up the last connections.
-            std::thread::sleep(Duration::from_millis(500));
+            // Let both agents finish setting up the last connections, and purge what the
+            // handshakes freed.
+            std::thread::sleep(MEMORY_SETTLE);
             during = tools::total_rss(&pids)?;
             Ok(())
         })?;
@@ -637,6 +889,8 @@ impl Bench {
                 "conn_ms": self.sizes.conn_ms,
                 "conn_threads": self.sizes.conn_threads,
                 "conn_message_bytes": self.sizes.conn_message,
+                "load_pods": self.sizes.load_pods,
+                "load_threads_per_pod": self.sizes.load_threads,
                 "hold_connections": self.sizes.hold_connections,
             },
         })
@@ -651,8 +905,21 @@ impl Bench {
                 "iperf3": self.target(variant, IPERF).to_string(),
                 "echo": self.target(variant, ECHO).to_string(),
                 "echo_once": self.target(variant, ONCE).to_string(),
+                "echo_once_from_load_pods": self.target(variant, ONCE_MANY).to_string(),
             })
         };
+        let load_pods: Vec<Value> = self
+            .load_pods
+            .iter()
+            .map(|pod| {
+                json!({
+                    "name": pod.name,
+                    "ip": pod.ip.to_string(),
+                    "netns": netns(pod),
+                    "cgroup": pod.cgroup.display().to_string(),
+                })
+            })
+            .collect();
         json!({
             "lab": self.lab.dir.display().to_string(),
             "client_netns": netns(&self.client),
@@ -660,6 +927,8 @@ impl Bench {
             "server_netns": netns(&self.server),
             "agent_pids": [self.lab.agent_pid(1), self.lab.agent_pid(2)],
             "stunnel_pids": self.stunnel_pids,
+            "load_pods": load_pods,
+            "load_stunnel_pids": self.load_stunnel_pids,
             "direct": targets(Variant::Direct),
             "interceptor": targets(Variant::Interceptor),
             "stunnel": targets(Variant::Stunnel),
@@ -671,6 +940,11 @@ impl Bench {
     pub fn lab_dir(&self) -> PathBuf {
         self.lab.dir.clone()
     }
+}
+
+/// Name and service account of the `i`th load pod (from 1).
+fn load_name(i: usize) -> String {
+    format!("load-{i:02}")
 }
 
 /// The variants in round `round`'s order: rotated each round, so no variant always runs

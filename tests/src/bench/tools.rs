@@ -70,6 +70,96 @@ pub fn run_bounded(mut command: Command, limit: Duration) -> anyhow::Result<Fini
     }
 }
 
+/// Runs `commands` together: each is started with a pipe on its standard input and held by a
+/// gate (a `read` before it execs the real program, see `bench::GATE`), and once all have
+/// started every gate gets its line at the same moment. Waits for all of them, killing those
+/// still running after `limit`; fails unless every one exits successfully in time.
+pub fn run_together(commands: Vec<Command>, limit: Duration) -> anyhow::Result<Vec<Finished>> {
+    let mut children = Vec::with_capacity(commands.len());
+    let kill_all = |children: &mut Vec<(String, std::process::Child)>| {
+        for (_, child) in children.iter_mut() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    };
+    for mut command in commands {
+        let shown = format!("{command:?}");
+        match command
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+        {
+            Ok(child) => children.push((shown, child)),
+            Err(e) => {
+                kill_all(&mut children);
+                return Err(e).with_context(|| format!("starting {shown}"));
+            }
+        }
+    }
+    // Let the last ones reach their gate, then open every gate.
+    std::thread::sleep(Duration::from_millis(200));
+    let mut readers = Vec::with_capacity(children.len());
+    for (_, child) in &mut children {
+        if let Some(mut gate) = child.stdin.take() {
+            // A gate that already failed shows in the exit status below.
+            let _ = std::io::Write::write_all(&mut gate, b"go\n");
+        }
+        let mut out = child.stdout.take().context("stdout")?;
+        let mut err = child.stderr.take().context("stderr")?;
+        // Readers on threads, so a chatty tool never blocks on a full pipe.
+        readers.push((
+            std::thread::spawn(move || {
+                let mut text = String::new();
+                let _ = out.read_to_string(&mut text);
+                text
+            }),
+            std::thread::spawn(move || {
+                let mut text = String::new();
+                let _ = err.read_to_string(&mut text);
+                text
+            }),
+        ));
+    }
+    let deadline = Instant::now() + limit;
+    let mut statuses = vec![None; children.len()];
+    while statuses.iter().any(Option::is_none) {
+        for (i, (_, child)) in children.iter_mut().enumerate() {
+            if statuses[i].is_none() {
+                statuses[i] = child.try_wait()?;
+            }
+        }
+        if Instant::now() > deadline {
+            kill_all(&mut children);
+            let running = statuses.iter().filter(|s| s.is_none()).count();
+            bail!(
+                "{running} of {} commands ran longer than {limit:?} and were killed, e.g. {}",
+                children.len(),
+                children[statuses.iter().position(Option::is_none).unwrap_or(0)].0
+            );
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let mut finished = Vec::with_capacity(children.len());
+    for (((shown, _), status), (out, err)) in children.iter().zip(statuses).zip(readers) {
+        let done = Finished {
+            stdout: out.join().unwrap_or_default(),
+            stderr: err.join().unwrap_or_default(),
+        };
+        if let Some(status) = status
+            && !status.success()
+        {
+            bail!(
+                "{shown} failed ({status}): {}{}",
+                done.stdout.trim(),
+                done.stderr.trim()
+            );
+        }
+        finished.push(done);
+    }
+    Ok(finished)
+}
+
 /// The last line of a tool's output that parses as a JSON object.
 pub fn last_json(finished: &Finished) -> anyhow::Result<Value> {
     finished
@@ -173,5 +263,42 @@ mod tests {
         echo.arg("{\"a\":1.5}");
         let out = run_bounded(echo, Duration::from_secs(5)).unwrap();
         assert_eq!(number(&last_json(&out).unwrap(), "/a").unwrap(), 1.5);
+    }
+
+    /// `sh` held at a gate like the benchmark's, printing the time it was let through.
+    fn gated(extra: &str) -> Command {
+        let mut sh = Command::new("sh");
+        sh.args([
+            "-c",
+            "read go && exec \"$0\" \"$@\"",
+            "sh",
+            "-c",
+            &format!("date +%s%N{extra}"),
+        ]);
+        sh
+    }
+
+    #[test]
+    fn commands_run_together_after_the_gate() {
+        let started = Instant::now();
+        let out =
+            run_together((0..5).map(|_| gated("")).collect(), Duration::from_secs(10)).unwrap();
+        assert_eq!(out.len(), 5);
+        let times: Vec<u128> = out
+            .iter()
+            .map(|f| f.stdout.trim().parse().unwrap())
+            .collect();
+        // All passed the gate after the pause that lets every one reach it.
+        assert!(started.elapsed() >= Duration::from_millis(200));
+        let spread = times.iter().max().unwrap() - times.iter().min().unwrap();
+        assert!(spread < 150_000_000, "started {spread} ns apart");
+        let err = run_together(vec![gated(""), gated("; exit 3")], Duration::from_secs(10))
+            .err()
+            .unwrap();
+        assert!(err.to_string().contains("exit status: 3"), "{err}");
+        let err = run_together(vec![gated("; sleep 5")], Duration::from_millis(300))
+            .err()
+            .unwrap();
+        assert!(err.to_string().contains("were killed"), "{err}");
     }
 }

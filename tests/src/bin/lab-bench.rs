@@ -76,7 +76,7 @@ fn main() -> anyhow::Result<()> {
     };
     let date = first_line("date", &["-u", "+%Y-%m-%d %H:%M UTC"]);
     println!("bench: building the lab");
-    let mut bench = Bench::setup(sizes)?;
+    let mut bench = Bench::setup(sizes, &parts)?;
     if let Some(secs) = args.serve_for {
         println!("{}", serde_json::to_string_pretty(&bench.describe())?);
         println!("bench: the lab stays up for {secs} s; press Enter to tear it down sooner");
@@ -211,12 +211,19 @@ Machine: {cpu}, {cores} cores, {mem} GiB, Linux {kernel}; {stunnel}, {openssl}, 
 {rustc}; commit {commit}.\n\n\
 {table}\n\
 Ratios are the headline: absolute numbers move from run to run on this shared machine.\n\
-\"interceptor vs direct\" is a ratio, or for latencies the time added over direct.\n\
-\"Proxy\" is both agents for the interceptor and both stunnel processes for stunnel.\n\n\
-### Targets\n\n{targets}\n\
+\"interceptor vs direct\" is a ratio; for latencies the time added over direct follows in \
+brackets.\n\
+\"Proxy\" is both agents for the interceptor and both stunnel processes for stunnel (for \
+the 50-pod row, the 50 stunnel clients and the stunnel server).\n\
+\"Tunnel reuse\" is the share of the interceptor's connections that rode a tunnel already \
+open: (streams − tunnels) / streams over the measurement, from agent 1's counters; \"–\" \
+where the agent does not count them.\n\n\
+### Targets\n\n\
+Issue 13's targets, as ratios against direct (or stunnel) measured in the same run.\n\n\
+{targets}\n\
 ### Method\n\n\
 - One lab: pod `client` on node 1, pod `server` on node 2, both enrolled. Servers (iperf3, \
-an echo server, a one-shot echo server) run in the server pod's network namespace. The \
+an echo server, one-shot echo servers) run in the server pod's network namespace. The \
 **direct** and **stunnel** clients run in the client pod's namespace outside its cgroup, so \
 nothing captures them; the **interceptor** client runs inside the pod, so connect4 sends it \
 through both agents.\n\
@@ -225,17 +232,33 @@ table shows medians over rounds.\n\
 - Throughput: `iperf3 -t {secs}` with 1 and with 4 parallel streams; the received rate.\n\
 - Latency: `lab-fixture rr`, {rr_count} timed round trips (after {rr_warmup} untimed) of 1 B \
 and of 1 KiB each way on one held connection, TCP_NODELAY everywhere.\n\
-- New connections: `lab-fixture conn-rate`, {conn_threads} client threads for {conn_ms} ms, \
-each connection sends {conn_message} B, reads {conn_message} B back and waits for the server to \
-close.\n\
+- New connections, 1 client pod: `lab-fixture conn-rate`, {conn_threads} client threads for \
+{conn_ms} ms, each connection sends {conn_message} B, reads {conn_message} B back and waits for \
+the server to close.\n\
+- New connections, {load_pods} client pods: {load_pods} more pods on node 1, each enrolled \
+with its own service account (so each is its own identity and no tunnel can be shared between \
+two of them), all calling the server pod at once: one `lab-fixture conn-rate` per pod with \
+{load_threads} client thread each, the same {conn_ms} ms and {conn_message} B each way, held at \
+a gate (`sh -c 'read go && exec ...'`) until all are started and then let go together. The \
+rate is all their connections over the longest of their runs. **direct** runs the same \
+clients in the same {load_pods} network namespaces outside the pods' cgroups; **stunnel** \
+gives every pod its own stunnel client (as a sidecar would) in its namespace, all to the one \
+stunnel server. The server is a separate one-shot echo server with two workers per client.\n\
+- Tunnel reuse: agent 1's `/metrics` (`interceptor_hbone_tunnels_opened_total` and \
+`interceptor_hbone_streams_opened_total`, per source pod) read right before and after each \
+interceptor run of the two new-connection measurements, summed over the measured pods. A \
+counter family missing before but present after counts from zero; missing after, or no \
+stream counted, gives no ratio (\"–\").\n\
 - Memory: {hold} idle connections held open (each checked with a 1 B round trip); the growth \
-of the resident set of both proxy processes. The agents are restarted before each round so \
-the growth is not hidden by memory freed earlier; stunnel keeps running.\n\
+of the resident set of both proxy processes, each reading taken 1.5 s after the last \
+connection opened, once the agents' allocator (jemalloc, 1 s dirty-page decay) has returned \
+what it freed. The agents are restarted before each round so the growth is not hidden by \
+memory freed earlier; stunnel keeps running.\n\
 - CPU per GB: user + system time of both proxy processes during each iperf3 run, divided by \
 the bytes iperf3 sent (GB = 10^9 bytes).\n\n\
 ### Every run\n\n{runs}\n\
 ### How to reproduce\n\n\
-```\ncargo xtask bench            # setup, release build, then this benchmark (~5 min)\n\
+```\ncargo xtask bench            # setup, release build, then this benchmark (~6 min)\n\
 cargo xtask bench --quick    # one short round, for development (writes target/bench-quick/)\n\
 cargo xtask bench --only latency,connections --rounds 3 --out /tmp/b\n```\n\n\
 Needs root (namespaces, cgroups, eBPF), iperf3 and stunnel4 (`cargo xtask setup` installs \
@@ -259,6 +282,8 @@ them). The numbers, every run and each tool's output are in `benchmarks/results.
         conn_threads = sizes["conn_threads"],
         conn_ms = sizes["conn_ms"],
         conn_message = sizes["conn_message_bytes"],
+        load_pods = sizes["load_pods"],
+        load_threads = sizes["load_threads_per_pod"],
         hold = sizes["hold_connections"],
     )
 }
