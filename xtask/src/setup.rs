@@ -14,9 +14,19 @@ use anyhow::{Context, Result, bail};
 use crate::bpf_linker::{self, Found};
 use crate::cmd;
 
-/// The Debian packages the lab and the benchmarks use.
+/// The Debian packages the lab and the benchmarks use (`python3-h2`: an independent HTTP/2
+/// stack for the HBONE interoperability test).
 pub const DEBIAN_PACKAGES: &[&str] = &[
-    "iproute2", "nftables", "tshark", "tcpdump", "curl", "socat", "stunnel4", "iperf3", "bpftool",
+    "iproute2",
+    "nftables",
+    "tshark",
+    "tcpdump",
+    "curl",
+    "socat",
+    "stunnel4",
+    "iperf3",
+    "bpftool",
+    "python3-h2",
 ];
 
 /// Where bpffs must be mounted (aya pins and bpftool look there).

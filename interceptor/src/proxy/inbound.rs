@@ -15,8 +15,9 @@
 //!
 //! Until a caller has completed the handshake and sent its first tunnel request it is
 //! unauthenticated: [`admit`] caps such connections per source and per agent, each stage has
-//! a deadline, and a connection refused in this stage is reset (`SO_LINGER` 0, so it leaves
-//! no state behind) and recorded as aggregated noise, so a flood cannot push the records of
+//! a deadline, a connection refused before its certificate is verified is reset (`SO_LINGER`
+//! 0, so it leaves no state behind), and every refusal in this stage is recorded as
+//! aggregated noise, so a flood cannot push the records of
 //! real connections out of the store.
 
 use std::{
