@@ -1,4 +1,5 @@
-//! Process limits: the open-file limit, and what the agent does when descriptors run out.
+//! Process limits: the open-file limit, and what the agent does when descriptors run out;
+//! and the agent's scheduling niceness.
 //!
 //! Every proxied connection costs two descriptors in each agent, so the agent raises its soft
 //! `RLIMIT_NOFILE` to the hard limit at start. When descriptors do run out anyway, a listener
@@ -92,6 +93,31 @@ pub fn fd_exhaustion_message(e: &io::Error) -> String {
     }
 }
 
+/// Sets the calling thread's niceness; threads it starts afterwards inherit it (on Linux
+/// niceness belongs to each thread, and a new thread copies its creator's). Lowering it below
+/// 0 needs `CAP_SYS_NICE`.
+pub fn set_niceness(nice: i32) -> io::Result<()> {
+    // SAFETY: setpriority with PRIO_PROCESS and who = 0 changes only the calling thread.
+    if unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, nice) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// The calling thread's niceness.
+pub fn niceness() -> io::Result<i32> {
+    // getpriority can return -1 legitimately, so errors are told apart through errno.
+    // SAFETY: errno is thread-local; getpriority reads no memory of ours.
+    unsafe { *libc::__errno_location() = 0 };
+    // SAFETY: as above.
+    let nice = unsafe { libc::getpriority(libc::PRIO_PROCESS, 0) };
+    let e = io::Error::last_os_error();
+    if nice == -1 && e.raw_os_error() != Some(0) {
+        return Err(e);
+    }
+    Ok(nice)
+}
+
 /// One descriptor kept aside, so a listener can still accept and reset a connection while
 /// the process is out of descriptors.
 pub struct FdReserve {
@@ -176,6 +202,27 @@ mod tests {
         assert!(e.to_string().contains("RLIMIT_NOFILE"), "{e}");
         let other = explain(io::Error::from_raw_os_error(libc::ECONNREFUSED));
         assert_eq!(other.raw_os_error(), Some(libc::ECONNREFUSED));
+    }
+
+    #[test]
+    fn niceness_is_set_for_the_thread_and_inherited_by_the_threads_it_starts() {
+        // A thread of its own, so the test harness keeps its niceness.
+        let harness = niceness().unwrap();
+        std::thread::spawn(|| {
+            let before = niceness().unwrap();
+            let wanted = if before == -3 { -4 } else { -3 };
+            set_niceness(wanted).expect("setting niceness needs root (CAP_SYS_NICE)");
+            assert_eq!(niceness().unwrap(), wanted);
+            let child = std::thread::spawn(|| niceness().unwrap()).join().unwrap();
+            assert_eq!(child, wanted);
+        })
+        .join()
+        .unwrap();
+        assert_eq!(
+            niceness().unwrap(),
+            harness,
+            "the harness thread was not changed"
+        );
     }
 
     #[test]

@@ -377,3 +377,51 @@ fn an_agent_at_its_open_file_limit_resets_what_it_cannot_serve_and_recovers() ->
     );
     Ok(())
 }
+
+/// Issue 13 item 4: the agents' runtime threads run at niceness -5 by default (`--nice`), so
+/// their relays preempt CPU-bound work on wake-up; and calls through the mesh work at it.
+#[test]
+fn the_agents_runtime_threads_run_at_the_default_niceness() -> anyhow::Result<()> {
+    let (lab, client, server) = lab_with(LabOptions::default())?;
+    for node in [1, 2] {
+        let pid = lab.agent_pid(node).context("agent is not running")?;
+        let mut runtime_threads = 0;
+        for task in std::fs::read_dir(format!("/proc/{pid}/task"))? {
+            let task = task?.path();
+            let name = std::fs::read_to_string(task.join("comm"))?;
+            let name = name.trim();
+            // jemalloc's purging threads start before main and keep the inherited niceness.
+            if name.starts_with("jemalloc") {
+                continue;
+            }
+            let stat = std::fs::read_to_string(task.join("stat"))?;
+            // Fields after the command name (in parentheses): niceness is field 19, the
+            // 17th after it.
+            let after_name = stat.rsplit_once(')').context("stat has no command name")?.1;
+            let nice: i32 = after_name
+                .split_whitespace()
+                .nth(16)
+                .context("stat too short")?
+                .parse()?;
+            ensure!(
+                nice == -5,
+                "node {node}: thread {name} ({}) runs at niceness {nice}, not -5",
+                task.display()
+            );
+            runtime_threads += usize::from(name == "tokio-rt-worker");
+        }
+        ensure!(runtime_threads > 0, "node {node}: no runtime thread found");
+        ensure!(
+            lab.agent_log(node)
+                .contains("scheduling niceness of the agent's threads"),
+            "node {node} did not log its niceness"
+        );
+    }
+    let url = format!("http://{}:{HTTP_PORT}/", server.ip);
+    let out = curl(lab.in_pod(&client, "curl")?, &url, &[])?;
+    ensure!(
+        out.status.success(),
+        "call through the mesh failed: {out:?}"
+    );
+    Ok(())
+}

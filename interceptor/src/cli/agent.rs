@@ -93,12 +93,23 @@ pub struct AgentArgs {
     /// Seconds a pooled tunnel with no connections stays open before it is closed.
     #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..=86_400))]
     tunnel_idle_timeout_secs: u64,
+    /// Niceness of the agent's threads (-20 to 19). Below 0, the agent's relays preempt
+    /// CPU-bound work on a busy node instead of waiting behind it, which keeps the added
+    /// latency of a round trip through the mesh from growing with the node's load
+    /// (BENCHMARKS.md, "Where the time goes"); it needs CAP_SYS_NICE, else the agent warns
+    /// and keeps its niceness. 0 leaves it as inherited.
+    #[arg(long, default_value_t = DEFAULT_NICE, allow_negative_numbers = true, value_parser = clap::value_parser!(i32).range(-20..=19))]
+    nice: i32,
     /// How log lines on stderr are written: `text` for people, `json` (one object per line,
     /// with timestamp, level, target, message and fields) for log collectors. RUST_LOG picks
     /// what is logged.
     #[arg(long, value_enum, default_value_t = LogFormat::Text, env = "INTERCEPTOR_LOG_FORMAT")]
     log_format: LogFormat,
 }
+
+/// The agent's default niceness (see `--nice`): enough to win wake-up preemption against
+/// CPU-bound work at the default niceness, far from the real-time range.
+const DEFAULT_NICE: i32 = -5;
 
 /// How the agent writes its log lines to stderr.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -130,6 +141,7 @@ fn init_logging(format: LogFormat) {
 /// Starts the runtime and the agent.
 pub fn run(args: AgentArgs) -> anyhow::Result<()> {
     init_logging(args.log_format);
+    let nice = args.nice;
     let tunnel_limits = tunnel_limits(&args, raise_open_file_limit());
     let kubernetes = args.kubernetes || args.kubeconfig.is_some();
     let pods_cgroup = pods_cgroup(args.pods_cgroup.clone(), kubernetes, || {
@@ -158,6 +170,8 @@ pub fn run(args: AgentArgs) -> anyhow::Result<()> {
             idle_timeout: Duration::from_secs(args.tunnel_idle_timeout_secs),
         },
     };
+    // Before the runtime starts, so that its threads inherit it.
+    set_niceness(nice);
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -183,6 +197,20 @@ fn pods_cgroup(
         (None, false) => anyhow::bail!(
             "--pods-cgroup is required without --kubernetes/--kubeconfig: name the cgroup v2 directory that holds this node's pods"
         ),
+    }
+}
+
+/// Sets the agent's niceness (`--nice`) and says so; warns when it cannot.
+fn set_niceness(nice: i32) {
+    match limits::niceness() {
+        Ok(current) if current == nice => {}
+        _ if nice == 0 => {}
+        _ => match limits::set_niceness(nice) {
+            Ok(()) => info!(nice, "scheduling niceness of the agent's threads (--nice)"),
+            Err(e) => warn!(
+                "cannot set the agent's niceness to {nice} (--nice): {e}; round trips through the mesh wait longer behind CPU-bound work on a busy node; grant CAP_SYS_NICE or pass --nice 0"
+            ),
+        },
     }
 }
 
