@@ -34,7 +34,8 @@ use super::{
     PodProxy, ProxyShared,
     admission::Permit,
     hbone::{self, Outcome},
-    pool, relay,
+    pool,
+    relay::{self, Caller},
     stream::H2Stream,
 };
 use crate::{
@@ -263,7 +264,13 @@ async fn serve_stream(
         }
     };
     let mut stream = H2Stream::new(send, recv, None);
-    relay::carry(shared.records.open(conn), &mut stream, &mut app).await;
+    relay::carry_stream(
+        shared.records.open(conn),
+        &mut app,
+        &mut stream,
+        Caller::Stream,
+    )
+    .await;
 }
 
 /// Clears the zero linger set at accept, so the connection ends with a FIN again.

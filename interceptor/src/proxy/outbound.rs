@@ -21,7 +21,11 @@ use std::{
 use tokio::net::TcpStream;
 use tracing::{debug, warn};
 
-use super::{PodProxy, ProxyShared, relay, stream::H2Stream};
+use super::{
+    PodProxy, ProxyShared,
+    relay::{self, Caller},
+    stream::H2Stream,
+};
 use crate::{
     mesh::{Membership, MeshPeer},
     records::{Connection, Direction, Security, Verdict},
@@ -89,7 +93,13 @@ async fn to_address(client: &mut TcpStream, target: Target, pod: &PodProxy, shar
                 .await
             {
                 Ok(mut tunnel) => {
-                    relay::carry(shared.records.open(conn), client, &mut tunnel).await;
+                    relay::carry_stream(
+                        shared.records.open(conn),
+                        client,
+                        &mut tunnel,
+                        Caller::App,
+                    )
+                    .await;
                 }
                 Err(reason) => {
                     debug!(workload = %pod.workload, destination = %target.destination, "tunnel failed: {reason}");
@@ -131,7 +141,8 @@ async fn to_service(
         match stream_within_deadline(backend, target.source, &peer, pod, shared).await {
             Ok(mut tunnel) => {
                 let conn = new_connection(&target, pod, Some(&peer), Security::MutualTls);
-                relay::carry(shared.records.open(conn), client, &mut tunnel).await;
+                relay::carry_stream(shared.records.open(conn), client, &mut tunnel, Caller::App)
+                    .await;
                 return;
             }
             Err(reason) => {

@@ -324,38 +324,50 @@ pub fn reset(stream: &TcpStream) {
     let _ = stream.set_zero_linger();
 }
 
-/// A stream the proxies relay, which can be closed with a reset when the relay fails.
-pub trait Resettable: AsyncRead + AsyncWrite + Unpin {
-    /// Makes the end of this stream a reset, so its peer sees the failure at once: a TCP
-    /// reset for a socket, `RST_STREAM` for an HBONE stream.
-    fn reset(&mut self);
-}
-
-impl Resettable for TcpStream {
-    fn reset(&mut self) {
-        reset(self);
-    }
-}
-
-impl Resettable for super::stream::H2Stream {
-    fn reset(&mut self) {
-        super::stream::H2Stream::reset(self);
-    }
-}
-
-/// Relays between the caller and the destination, then closes the connection's record; after
-/// an error both sockets are reset, so neither peer waits. The one place a carried
-/// connection's record is closed (a task that ends early closes it by dropping it).
-pub async fn carry<A: Resettable, B: Resettable>(
-    record: OpenRecord,
-    caller: &mut A,
-    destination: &mut B,
-) {
+/// Relays between the caller and the destination in plaintext (a destination outside the
+/// mesh), then closes the connection's record; after an error both sockets are reset, so
+/// neither peer waits.
+pub async fn carry(record: OpenRecord, caller: &mut TcpStream, destination: &mut TcpStream) {
     match relay(caller, destination).await {
         Ok(moved) => record.close(moved.to_destination, moved.to_caller, None),
         Err(e) => {
-            caller.reset();
-            destination.reset();
+            reset(caller);
+            reset(destination);
+            record.close(0, 0, Some(format!("relay: {e}")));
+        }
+    }
+}
+
+/// Which end of a carried HBONE stream called.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Caller {
+    /// The app (outbound: the pod's own connect).
+    App,
+    /// The stream (inbound: a caller on another node).
+    Stream,
+}
+
+/// Relays between an app's connection and an HBONE stream ([`super::stream::relay`]), then
+/// closes the record; after an error the socket is reset and the stream reset
+/// (`RST_STREAM`), so neither peer waits. With [`carry`], the one place a carried
+/// connection's record is closed (a task that ends early closes it by dropping it).
+pub async fn carry_stream(
+    record: OpenRecord,
+    app: &mut TcpStream,
+    stream: &mut super::stream::H2Stream,
+    caller: Caller,
+) {
+    match super::stream::relay(app, stream).await {
+        Ok((app_to_stream, stream_to_app)) => {
+            let (to_destination, to_caller) = match caller {
+                Caller::App => (app_to_stream, stream_to_app),
+                Caller::Stream => (stream_to_app, app_to_stream),
+            };
+            record.close(to_destination, to_caller, None);
+        }
+        Err(e) => {
+            reset(app);
+            stream.reset();
             record.close(0, 0, Some(format!("relay: {e}")));
         }
     }

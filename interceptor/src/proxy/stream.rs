@@ -1,5 +1,4 @@
-//! One HBONE stream as a byte stream: an HTTP/2 CONNECT stream read and written like a TCP
-//! connection, so the relay treats it like any other.
+//! One HBONE stream, and the relay between it and the app's TCP connection.
 //!
 //! HTTP/2 flow control is kept honest: received bytes are released to the peer's window only
 //! once they have been copied out to the relay, and writes wait for send capacity, so a slow
@@ -13,9 +12,9 @@ use std::{
     task::{Context, Poll, ready},
 };
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use h2::{Reason, RecvStream, SendStream};
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::{io::AsyncWrite, net::TcpStream};
 
 use super::pool::Lease;
 
@@ -23,8 +22,6 @@ use super::pool::Lease;
 pub struct H2Stream {
     send: SendStream<Bytes>,
     recv: RecvStream,
-    /// Received but not yet read: served before the next frame is polled.
-    unread: Bytes,
     /// The pool's count of the tunnel's streams, on the client side: released on drop.
     _lease: Option<Lease>,
 }
@@ -36,7 +33,6 @@ impl H2Stream {
         Self {
             send,
             recv,
-            unread: Bytes::new(),
             _lease: lease,
         }
     }
@@ -79,68 +75,180 @@ fn to_io(error: h2::Error) -> io::Error {
     io::Error::new(kind, format!("tunnel: {error}"))
 }
 
-impl AsyncRead for H2Stream {
-    fn poll_read(
-        self: Pin<&mut Self>,
+/// Largest read from the app handed to the tunnel at once, as one DATA frame's payload.
+const CHUNK: usize = 256 * 1024;
+/// A read buffer with less room than this left is replaced by a new one.
+const MIN_ROOM: usize = 16 * 1024;
+
+/// Relays between a TCP connection to an app and an HBONE stream until both directions
+/// have ended, without copying in user space: bytes read from the app are handed to HTTP/2
+/// as they are, and DATA frames are written to the app from HTTP/2's own buffers. Returns the
+/// bytes moved (app to stream, stream to app).
+///
+/// Memory follows the relay's rule: a buffer exists only while a direction holds data, so an
+/// idle connection keeps none.
+pub async fn relay(app: &mut TcpStream, stream: &mut H2Stream) -> io::Result<(u64, u64)> {
+    let mut up = Up::default();
+    let mut down = Down::default();
+    std::future::poll_fn(|cx| {
+        let sent = up.poll(cx, app, stream)?;
+        let received = down.poll(cx, stream, app)?;
+        match (sent, received) {
+            (Poll::Ready(sent), Poll::Ready(received)) => Poll::Ready(Ok((sent, received))),
+            _ => Poll::Pending,
+        }
+    })
+    .await
+}
+
+/// App to stream.
+#[derive(Default)]
+struct Up {
+    /// Where reads from the app land; split off and frozen into the payload.
+    buffer: Option<BytesMut>,
+    /// Read, not yet given to HTTP/2.
+    pending: Bytes,
+    moved: u64,
+    /// The app half-closed.
+    read_done: bool,
+    done: bool,
+}
+
+impl Up {
+    fn poll(
+        &mut self,
         cx: &mut Context<'_>,
-        out: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        let this = self.get_mut();
-        while this.unread.is_empty() {
-            match ready!(this.recv.poll_data(cx)) {
-                // END_STREAM: the peer half-closed.
-                None => return Poll::Ready(Ok(())),
-                Some(Ok(data)) => this.unread = data,
-                Some(Err(error)) => return Poll::Ready(Err(this.stream_error(cx, Some(error)))),
+        app: &TcpStream,
+        stream: &mut H2Stream,
+    ) -> Poll<io::Result<u64>> {
+        while !self.done {
+            if !self.pending.is_empty() {
+                let capacity = ready!(stream.poll_send_capacity(cx, self.pending.len()))?;
+                let chunk = self.pending.split_to(capacity.min(self.pending.len()));
+                self.moved += chunk.len() as u64;
+                stream.send(chunk, false)?;
+            } else if self.read_done {
+                stream.send(Bytes::new(), true)?;
+                self.done = true;
+            } else {
+                match ready!(self.poll_read(cx, app)) {
+                    Ok(0) => self.read_done = true,
+                    Ok(_) => {}
+                    Err(e) => return Poll::Ready(Err(e)),
+                }
             }
         }
-        let n = out.remaining().min(this.unread.len());
-        out.put_slice(&this.unread.split_to(n));
-        // The window reopens only for what the relay has taken.
-        let _ = this.recv.flow_control().release_capacity(n);
-        Poll::Ready(Ok(()))
+        Poll::Ready(Ok(self.moved))
+    }
+
+    /// Reads what the app has sent into `pending`; 0 at its end.
+    fn poll_read(&mut self, cx: &mut Context<'_>, app: &TcpStream) -> Poll<io::Result<usize>> {
+        loop {
+            if let Err(e) = ready!(app.poll_read_ready(cx)) {
+                return Poll::Ready(Err(e));
+            }
+            let buffer = self
+                .buffer
+                .get_or_insert_with(|| BytesMut::with_capacity(CHUNK));
+            match app.try_read_buf(buffer) {
+                Ok(n) => {
+                    self.pending = buffer.split().freeze();
+                    if buffer.capacity() < MIN_ROOM {
+                        self.buffer = None;
+                    }
+                    return Poll::Ready(Ok(n));
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    // Nothing to read: an idle connection keeps no buffer.
+                    self.buffer = None;
+                }
+                Err(e) => return Poll::Ready(Err(e)),
+            }
+        }
     }
 }
 
-impl AsyncWrite for H2Stream {
-    fn poll_write(
-        self: Pin<&mut Self>,
+/// Stream to app.
+#[derive(Default)]
+struct Down {
+    /// The DATA frame being written to the app.
+    chunk: Bytes,
+    moved: u64,
+    done: bool,
+}
+
+impl Down {
+    fn poll(
+        &mut self,
         cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        let this = self.get_mut();
-        if buf.is_empty() {
-            return Poll::Ready(Ok(0));
+        stream: &mut H2Stream,
+        app: &mut TcpStream,
+    ) -> Poll<io::Result<u64>> {
+        while !self.done {
+            if self.chunk.is_empty() {
+                match ready!(stream.poll_chunk(cx))? {
+                    Some(chunk) => self.chunk = chunk,
+                    None => {
+                        ready!(Pin::new(&mut *app).poll_shutdown(cx))?;
+                        self.done = true;
+                    }
+                }
+                continue;
+            }
+            let n = ready!(Pin::new(&mut *app).poll_write(cx, &self.chunk))?;
+            if n == 0 {
+                return Poll::Ready(Err(io::Error::new(
+                    io::ErrorKind::WriteZero,
+                    "the app accepted no bytes",
+                )));
+            }
+            let _ = self.chunk.split_to(n);
+            self.moved += n as u64;
+            // The window reopens only for what the app has taken.
+            stream.release(n);
         }
-        let mut capacity = this.send.capacity();
+        Poll::Ready(Ok(self.moved))
+    }
+}
+
+impl H2Stream {
+    /// Waits for room to send up to `wanted` bytes; the room, at least 1.
+    fn poll_send_capacity(
+        &mut self,
+        cx: &mut Context<'_>,
+        wanted: usize,
+    ) -> Poll<io::Result<usize>> {
+        let mut capacity = self.send.capacity();
         while capacity == 0 {
-            this.send.reserve_capacity(buf.len());
-            capacity = match ready!(this.send.poll_capacity(cx)) {
+            self.send.reserve_capacity(wanted);
+            capacity = match ready!(self.send.poll_capacity(cx)) {
                 Some(Ok(capacity)) => capacity,
-                Some(Err(error)) => return Poll::Ready(Err(this.stream_error(cx, Some(error)))),
-                None => return Poll::Ready(Err(this.stream_error(cx, None))),
+                Some(Err(error)) => return Poll::Ready(Err(self.stream_error(cx, Some(error)))),
+                None => return Poll::Ready(Err(self.stream_error(cx, None))),
             };
         }
-        let n = capacity.min(buf.len());
-        match this
-            .send
-            .send_data(Bytes::copy_from_slice(&buf[..n]), false)
-        {
-            Ok(()) => Poll::Ready(Ok(n)),
-            Err(error) => Poll::Ready(Err(this.stream_error(cx, Some(error)))),
+        Poll::Ready(Ok(capacity))
+    }
+
+    /// Queues `data` (within the capacity granted), or the end of the stream.
+    fn send(&mut self, data: Bytes, end: bool) -> io::Result<()> {
+        self.send.send_data(data, end).map_err(to_io)
+    }
+
+    /// The next DATA payload; `None` at the end of the stream.
+    fn poll_chunk(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<Option<Bytes>>> {
+        loop {
+            return match ready!(self.recv.poll_data(cx)) {
+                None => Poll::Ready(Ok(None)),
+                Some(Ok(data)) if data.is_empty() => continue,
+                Some(Ok(data)) => Poll::Ready(Ok(Some(data))),
+                Some(Err(error)) => Poll::Ready(Err(self.stream_error(cx, Some(error)))),
+            };
         }
     }
 
-    fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        // The tunnel's connection task writes and flushes queued frames.
-        Poll::Ready(Ok(()))
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        let this = self.get_mut();
-        match this.send.send_data(Bytes::new(), true) {
-            Ok(()) => Poll::Ready(Ok(())),
-            Err(error) => Poll::Ready(Err(this.stream_error(cx, Some(error)))),
-        }
+    /// Returns `n` received bytes to the peer's window.
+    fn release(&mut self, n: usize) {
+        let _ = self.recv.flow_control().release_capacity(n);
     }
 }
