@@ -2,7 +2,8 @@
 //! from its checked-in seeds.
 //!
 //! The targets read untrusted input: a policy file, the tunnel port's request, an admin
-//! request, a mesh directory entry and a PeerAuthentication object from the Kubernetes API.
+//! request, a mesh directory entry, a PeerAuthentication object from the Kubernetes API and
+//! the Pods, Namespaces, Services and EndpointSlices the watches decode.
 //! Each run keeps what it learns in `fuzz/corpus/<target>` (not checked in) and starts from
 //! `fuzz/seeds/<target>` (checked in); a crash leaves its input in `fuzz/artifacts/<target>`,
 //! which becomes a regression test.
@@ -14,12 +15,13 @@ use anyhow::{Context, Result, bail};
 use crate::{cmd, run::step, setup};
 
 /// Every target, as named in fuzz/Cargo.toml.
-pub const TARGETS: [&str; 5] = [
+pub const TARGETS: [&str; 6] = [
     "policy",
     "tunnel_request",
     "admin_request",
     "mesh_entry",
     "api_policy",
+    "kube_objects",
 ];
 
 /// Runs `targets` (all when empty) for `seconds` each.
