@@ -16,7 +16,7 @@
 //!   stops with an error naming the limit and how to raise it (it never lowers the count by
 //!   itself; `--connections` does).
 //!
-//! The baselines are the agents' figures after the flood, before the warm-up. It counts only
+//! The baselines are the agents' figures after the warm-up closed, settled. It counts only
 //! descriptors, memory and records of the agents' processes and drives connections through
 //! the pods, whatever the tunnel's wire format.
 //!
@@ -301,7 +301,7 @@ impl Soak {
     /// the result's `failures` (the run goes on, so every round's figures are reported).
     fn memory(&self, requested: u64, rounds: u64, rss_margin_mib: u64) -> anyhow::Result<Value> {
         let pids = [self.agent_pid(1)?, self.agent_pid(2)?];
-        let baseline = self.sample(&pids)?;
+        let before = self.sample(&pids)?;
         // A small round first: what one connection costs each agent in descriptors, measured
         // rather than assumed (it depends on how the tunnel carries connections).
         let warmup = self.hold_round(WARMUP_CONNECTIONS)?;
@@ -317,13 +317,12 @@ impl Soak {
         for (index, &pid) in pids.iter().enumerate() {
             let node = index + 1;
             let (soft, hard) = nofile(pid)?;
-            let per_connection = peak[index].fds.saturating_sub(baseline[index].fds) as f64
-                / WARMUP_CONNECTIONS as f64;
-            let needed = baseline[index].fds
-                + (per_connection * requested as f64).ceil() as u64
-                + FD_HEADROOM;
-            let fits = ((soft.saturating_sub(baseline[index].fds + FD_HEADROOM)) as f64
-                / per_connection.max(0.01)) as u64;
+            let held = before[index].fds;
+            let per_connection =
+                peak[index].fds.saturating_sub(held) as f64 / WARMUP_CONNECTIONS as f64;
+            let needed = held + (per_connection * requested as f64).ceil() as u64 + FD_HEADROOM;
+            let fits = ((soft.saturating_sub(held + FD_HEADROOM)) as f64 / per_connection.max(0.01))
+                as u64;
             ensure!(
                 needed <= soft,
                 "the agent of node {node} (pid {pid}) may open {soft} descriptors \
@@ -334,14 +333,20 @@ impl Soak {
                  of the shell that runs the soak (as root: `ulimit -Hn 65536`, which needs \
                  CAP_SYS_RESOURCE; in a container `--ulimit nofile=65536:65536`; under systemd \
                  LimitNOFILE=), or ask for fewer connections: --connections {fits} fits",
-                baseline[index].fds
+                held
             );
             need.push(
                 json!({"node": node, "nofile_soft": soft, "nofile_hard": hard,
                 "fds_per_connection": per_connection, "fds_needed": needed}),
             );
         }
-        self.wait_back(&pids, &baseline, rss_margin_mib);
+        // The baseline: after the warm-up closed and one status request (the agents have
+        // served connections and answered status once), the descriptors back where they
+        // were and the allocator given time to purge.
+        self.record_counts()?;
+        self.wait_back(&pids, &before, u64::MAX / 2048);
+        std::thread::sleep(SETTLE);
+        let baseline = self.sample(&pids)?;
         println!(
             "soak: {rounds} memory rounds of {requested} connections; baseline {}",
             json!(baseline)
@@ -508,6 +513,9 @@ const FD_HEADROOM: u64 = 64;
 const FD_SLACK: u64 = 2;
 /// How long the agents get to come back to their baseline after a round.
 const BACK_WAIT: Duration = Duration::from_secs(30);
+/// How long the agents settle before the baseline is taken (jemalloc purges freed pages
+/// after about a second).
+const SETTLE: Duration = Duration::from_secs(3);
 /// How long one round may take to open its connections.
 const HOLD_MAX: Duration = Duration::from_secs(180);
 /// Records each agent keeps (passed as --record-capacity; the agent's default).
