@@ -96,6 +96,9 @@ enum Fixture {
         /// stays on the server and a fast client never runs out of ports).
         #[arg(long)]
         once: Option<usize>,
+        /// Close a connection idle this long (milliseconds).
+        #[arg(long, default_value_t = IO_TIMEOUT.as_millis() as u64)]
+        idle_timeout_ms: u64,
     },
     /// Request/response latency on one held connection to an echo server; prints JSON with
     /// percentiles in microseconds.
@@ -247,7 +250,8 @@ fn main() -> anyhow::Result<()> {
             port,
             workers,
             once,
-        } => echo_server(port, workers, once),
+            idle_timeout_ms,
+        } => echo_server(port, workers, once, Duration::from_millis(idle_timeout_ms)),
         Fixture::Rr {
             to,
             size,
@@ -557,14 +561,19 @@ fn spoof(from: Ipv4Addr, to: SocketAddrV4) -> anyhow::Result<&'static str> {
     )
 }
 
-fn echo_server(port: u16, workers: usize, once: Option<usize>) -> anyhow::Result<()> {
+fn echo_server(
+    port: u16,
+    workers: usize,
+    once: Option<usize>,
+    idle_timeout: Duration,
+) -> anyhow::Result<()> {
     raise_fd_limit();
     let listener = TcpListener::bind(("0.0.0.0", port))?;
     println!("listening on {port}");
     io::stdout().flush()?;
     let handle = move |stream: TcpStream| {
         let _ = stream.set_nodelay(true);
-        let _ = stream.set_read_timeout(Some(IO_TIMEOUT));
+        let _ = stream.set_read_timeout(Some(idle_timeout));
         let _ = match once {
             Some(size) => echo_once(stream, size),
             None => echo(stream),

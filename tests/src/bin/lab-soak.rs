@@ -99,7 +99,8 @@ fn main() -> anyhow::Result<()> {
     lab.enroll(&server, "tracker", &[])?;
     for (port, extra) in [
         (ECHO_ONCE_PORT, vec!["--once", "64", "--workers", "4"]),
-        (ECHO_PORT, vec![]),
+        // Held connections stay idle while the others open: no idle timeout in the round.
+        (ECHO_PORT, vec!["--idle-timeout-ms", "600000"]),
     ] {
         let mut echo = lab.in_pod(&server, fixture_bin()?)?;
         echo.args(["echo", "--port", &port.to_string()])
@@ -345,7 +346,6 @@ impl Soak {
         // were and the allocator given time to purge.
         self.record_counts()?;
         self.wait_back(&pids, &before, u64::MAX / 2048);
-        std::thread::sleep(SETTLE);
         let baseline = self.sample(&pids)?;
         println!(
             "soak: {rounds} memory rounds of {requested} connections; baseline {}",
@@ -426,7 +426,7 @@ impl Soak {
 
     /// Waits (at most [`BACK_WAIT`]) until both agents' descriptors are back within
     /// [`FD_SLACK`] of `baseline` and their RSS within the margin (jemalloc purges freed pages
-    /// after about a second), then samples them.
+    /// after about a second), then [`SETTLE`] more, and samples them.
     fn wait_back(&self, pids: &[u32; 2], baseline: &[Usage; 2], rss_margin_mib: u64) -> [Usage; 2] {
         let deadline = Instant::now() + BACK_WAIT;
         loop {
@@ -438,7 +438,15 @@ impl Soak {
                 now.fds <= base.fds + FD_SLACK
                     && now.rss_kib <= base.rss_kib + rss_margin_mib * 1024
             });
-            if back || Instant::now() > deadline {
+            if back {
+                // Judged (and reported) settled, not on the first sample under the margin.
+                std::thread::sleep(SETTLE);
+                return [
+                    usage(pids[0]).unwrap_or(Usage::GONE),
+                    usage(pids[1]).unwrap_or(Usage::GONE),
+                ];
+            }
+            if Instant::now() > deadline {
                 return now;
             }
             std::thread::sleep(Duration::from_millis(250));
