@@ -152,7 +152,7 @@ impl Drop for OpenRecord {
 pub const NOISE_INTERVAL: Duration = Duration::from_secs(10);
 
 /// At most this many aggregated noise records are kept (fewer when the store is smaller).
-const NOISE_CAPACITY: usize = 1000;
+pub const NOISE_CAPACITY: usize = 1000;
 
 /// Totals for one workload since the agent started.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]

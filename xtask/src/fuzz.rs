@@ -2,7 +2,8 @@
 //! from its checked-in seeds.
 //!
 //! The targets read untrusted input: a policy file, the tunnel port's request, an admin
-//! request, a mesh directory entry and a PeerAuthentication object from the Kubernetes API.
+//! request, a mesh directory entry, a PeerAuthentication object from the Kubernetes API and
+//! the Pods, Namespaces, Services and EndpointSlices the watches decode.
 //! Each run keeps what it learns in `fuzz/corpus/<target>` (not checked in) and starts from
 //! `fuzz/seeds/<target>` (checked in); a crash leaves its input in `fuzz/artifacts/<target>`,
 //! which becomes a regression test.
@@ -14,12 +15,13 @@ use anyhow::{Context, Result, bail};
 use crate::{cmd, run::step, setup};
 
 /// Every target, as named in fuzz/Cargo.toml.
-pub const TARGETS: [&str; 5] = [
+pub const TARGETS: [&str; 6] = [
     "policy",
     "tunnel_request",
     "admin_request",
     "mesh_entry",
     "api_policy",
+    "kube_objects",
 ];
 
 /// Runs `targets` (all when empty) for `seconds` each.
@@ -58,6 +60,64 @@ pub fn fuzz(seconds: u64, targets: &[String]) -> Result<()> {
         println!(
             "xtask: fuzz {target}: no crash in {:.0} s",
             started.elapsed().as_secs_f64()
+        );
+    }
+    Ok(())
+}
+
+/// Seconds each target runs in the smoke of `cargo xtask test`.
+pub const SMOKE_SECONDS: u64 = 30;
+
+/// How the smoke builds the targets: without a sanitizer and in 16 codegen units, which
+/// builds several times cheaper than cargo-fuzz's default (AddressSanitizer, one codegen
+/// unit; see RELIABILITY.md for the figures). The targets read untrusted input in safe Rust,
+/// where what a smoke must catch is a panic, an overflow (debug assertions stay on), a
+/// stack overflow or a hang, which libFuzzer reports without a sanitizer. Its own target
+/// directory keeps it from rebuilding the sanitizer build of `cargo xtask fuzz`.
+const SMOKE_BUILD: [&str; 6] = [
+    "--sanitizer",
+    "none",
+    "--codegen-units",
+    "16",
+    "--target-dir",
+    "target-smoke",
+];
+
+/// The smoke `cargo xtask test` runs: every target built once, then run for `seconds` from
+/// its seeds and the corpus earlier runs left. A crash (or a target that does not build)
+/// fails it; the crashing input is left in `fuzz/artifacts/<target>`.
+pub fn smoke(seconds: u64) -> Result<()> {
+    ensure_cargo_fuzz()?;
+    let toolchain = format!("+{}", setup::ebpf_channel()?);
+    let fuzz_dir = cmd::repo_root().join("fuzz");
+    step(
+        "fuzz smoke: build",
+        cmd::cargo([toolchain.as_str(), "fuzz", "build"])
+            .args(SMOKE_BUILD)
+            .current_dir(&fuzz_dir),
+    )?;
+    let mut crashed = Vec::new();
+    for target in TARGETS {
+        let corpus = fuzz_dir.join("corpus").join(target);
+        std::fs::create_dir_all(&corpus).with_context(|| format!("{}", corpus.display()))?;
+        let ran = step(
+            &format!("fuzz smoke: {target} for {seconds} s"),
+            cmd::cargo([toolchain.as_str(), "fuzz", "run"])
+                .args(SMOKE_BUILD)
+                .arg(target)
+                .arg(&corpus)
+                .arg(fuzz_dir.join("seeds").join(target))
+                .args(["--", &format!("-max_total_time={seconds}")])
+                .current_dir(&fuzz_dir),
+        );
+        if ran.is_err() {
+            crashed.push(target);
+        }
+    }
+    if !crashed.is_empty() {
+        bail!(
+            "fuzz targets failed: {}; the inputs are in fuzz/artifacts/<target>",
+            crashed.join(", ")
         );
     }
     Ok(())

@@ -40,6 +40,11 @@ pub fn test(test_args: &[String]) -> Result<()> {
         println!("xtask: tests: skipped, the build failed");
         results.push(("tests", "skipped (build failed)"));
     }
+    // A filter runs some tests only; the fuzz smoke belongs to the whole run.
+    if test_args.is_empty() {
+        let fuzzed = crate::fuzz::smoke(crate::fuzz::SMOKE_SECONDS);
+        results.push(("fuzz smoke", outcome(&fuzzed)));
+    }
     let linted = step("clippy", &mut clippy_host_cmd());
     results.push(("clippy", outcome(&linted)));
     let linted = clippy_ebpf_cmd().and_then(|mut clippy| step("clippy (eBPF)", &mut clippy));

@@ -105,7 +105,11 @@ pub enum AgentError {
     #[error(transparent)]
     Policy(#[from] PolicyError),
     /// A file of `--state-dir` could not be written.
-    #[error("saving {}: {source}", path.display())]
+    #[error(
+        "saving {}: {source}; make room in the state directory (--state-dir) or make it \
+         writable, then retry",
+        path.display()
+    )]
     Save {
         /// The file.
         path: PathBuf,

@@ -72,9 +72,16 @@ impl Enrolment for Agent {
         }
         self.check_cgroup(&spec.cgroup)?;
         let running = self.start_workload(spec)?;
+        // Saved before it counts as enrolled: when the state directory cannot take it, the
+        // workload is stopped again and the agent runs on as before.
+        let saved = self.save_workloads(workloads.values().map(|w| &w.spec).chain([&running.spec]));
+        if let Err(e) = saved {
+            self.stop_workload(&running);
+            return Err(e);
+        }
         let info = running.info();
         workloads.insert(key.clone(), running);
-        self.save_workloads(&workloads);
+        self.refresh_local(&workloads);
         info!(workload = %key, ip = %info.ip, identity = %info.identity, "enrolled");
         Ok(info)
     }
@@ -82,11 +89,20 @@ impl Enrolment for Agent {
     /// Removes a pod: capture, door, listeners, delivery routing and mesh entry.
     async fn remove(&self, key: WorkloadKey) -> Result<(), AgentError> {
         let mut workloads = self.workloads.lock().await;
-        let running = workloads
-            .remove(&key)
-            .ok_or_else(|| AgentError::NotEnrolled(key.clone()))?;
-        self.stop_workload(&running);
-        self.save_workloads(&workloads);
+        if !workloads.contains_key(&key) {
+            return Err(AgentError::NotEnrolled(key));
+        }
+        // Saved first: when the state directory cannot take it, the workload keeps running.
+        self.save_workloads(
+            workloads
+                .iter()
+                .filter(|(k, _)| **k != key)
+                .map(|(_, w)| &w.spec),
+        )?;
+        if let Some(running) = workloads.remove(&key) {
+            self.stop_workload(&running);
+        }
+        self.refresh_local(&workloads);
         info!(workload = %key, "removed");
         Ok(())
     }
@@ -130,7 +146,10 @@ impl Agent {
         if let Err(e) = lock(&self.kernel).retain_pods(&cookies, &ips) {
             warn!("forgetting pods that were not restored: {e}");
         }
-        self.save_workloads(&workloads);
+        self.refresh_local(&workloads);
+        if let Err(e) = self.save_workloads(workloads.values().map(|w| &w.spec)) {
+            warn!("{e}");
+        }
     }
 
     fn start_workload(&self, spec: WorkloadSpec) -> Result<RunningWorkload, AgentError> {
@@ -298,8 +317,8 @@ impl Agent {
         self.config.state_dir.join("workloads.json")
     }
 
-    /// Saves the enrolled workloads for a restarted agent and refreshes the by-address view.
-    fn save_workloads(&self, workloads: &std::collections::BTreeMap<WorkloadKey, RunningWorkload>) {
+    /// Refreshes the by-address view of the workloads this agent serves.
+    fn refresh_local(&self, workloads: &std::collections::BTreeMap<WorkloadKey, RunningWorkload>) {
         self.local.replace(workloads.iter().map(|(key, running)| {
             let local = LocalWorkload {
                 key: key.clone(),
@@ -307,13 +326,18 @@ impl Agent {
             };
             (running.ip, local)
         }));
-        let specs: Vec<&WorkloadSpec> = workloads.values().map(|w| &w.spec).collect();
+    }
+
+    /// Saves the workloads a restarted agent restores, whole or not at all.
+    fn save_workloads<'a>(
+        &self,
+        specs: impl Iterator<Item = &'a WorkloadSpec>,
+    ) -> Result<(), AgentError> {
+        let specs: Vec<&WorkloadSpec> = specs.collect();
         let path = self.workloads_file();
-        let written = serde_json::to_vec_pretty(&specs)
+        serde_json::to_vec_pretty(&specs)
             .map_err(std::io::Error::other)
-            .and_then(|bytes| crate::fsutil::write_atomically(&path, &bytes));
-        if let Err(e) = written {
-            warn!("saving {}: {e}", path.display());
-        }
+            .and_then(|bytes| crate::fsutil::write_atomically(&path, &bytes))
+            .map_err(|source| AgentError::Save { path, source })
     }
 }

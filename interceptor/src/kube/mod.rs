@@ -24,6 +24,9 @@
 
 pub mod cgroup;
 mod client;
+/// Entry point of the `kube_objects` fuzz target; built only by cargo-fuzz.
+#[cfg(fuzzing)]
+pub mod fuzzing;
 pub mod mesh;
 mod mesh_source;
 pub mod node_pods;

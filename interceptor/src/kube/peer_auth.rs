@@ -46,7 +46,7 @@ impl WatchObject for RawPeerAuthentication {
 }
 
 impl RawPeerAuthentication {
-    fn from_api(object: &DynamicObject) -> Option<Self> {
+    pub(super) fn from_api(object: &DynamicObject) -> Option<Self> {
         Some(Self {
             namespace: object.metadata.namespace.clone()?,
             name: object.metadata.name.clone()?,

@@ -204,6 +204,24 @@ fn resolve(
     }
 }
 
+/// Runs the lookups of [`KubeServices`] on one snapshot of each watch, for the
+/// `kube_objects` fuzz target (`super::fuzzing`).
+#[cfg(fuzzing)]
+pub(super) fn exercise(
+    services: &View<ServiceInfo>,
+    slices: &View<EndpointSliceInfo>,
+    destinations: &[SocketAddrV4],
+    backends: &[SocketAddrV4],
+) {
+    let keys = index_slices(slices);
+    for destination in destinations {
+        let _ = resolve(services, slices, &keys.by_service, *destination);
+    }
+    for backend in backends {
+        let _ = headless_service(services, slices, &keys, *backend);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -96,6 +96,9 @@ enum Fixture {
         /// stays on the server and a fast client never runs out of ports).
         #[arg(long)]
         once: Option<usize>,
+        /// Close a connection idle this long (milliseconds).
+        #[arg(long, default_value_t = IO_TIMEOUT.as_millis() as u64)]
+        idle_timeout_ms: u64,
     },
     /// Request/response latency on one held connection to an echo server; prints JSON with
     /// percentiles in microseconds.
@@ -205,6 +208,11 @@ enum Fixture {
         /// Hold at most this many milliseconds.
         #[arg(long)]
         max_ms: u64,
+        /// Count failed connections instead of stopping at the first, and print
+        /// "ready <JSON>": attempted, answered, failed, first_error and closed_while_idle
+        /// (held connections the other side had closed or reset when all were open).
+        #[arg(long)]
+        count_failures: bool,
     },
 }
 
@@ -245,7 +253,8 @@ fn main() -> anyhow::Result<()> {
             port,
             workers,
             once,
-        } => echo_server(port, workers, once),
+            idle_timeout_ms,
+        } => echo_server(port, workers, once, Duration::from_millis(idle_timeout_ms)),
         Fixture::Rr {
             to,
             size,
@@ -264,7 +273,14 @@ fn main() -> anyhow::Result<()> {
             to,
             connections,
             max_ms,
+            count_failures: false,
         } => hold(to, connections, Duration::from_millis(max_ms)),
+        Fixture::Hold {
+            to,
+            connections,
+            max_ms,
+            count_failures: true,
+        } => hold_counted(to, connections, Duration::from_millis(max_ms)),
         Fixture::Steady {
             to,
             rate,
@@ -548,14 +564,19 @@ fn spoof(from: Ipv4Addr, to: SocketAddrV4) -> anyhow::Result<&'static str> {
     )
 }
 
-fn echo_server(port: u16, workers: usize, once: Option<usize>) -> anyhow::Result<()> {
+fn echo_server(
+    port: u16,
+    workers: usize,
+    once: Option<usize>,
+    idle_timeout: Duration,
+) -> anyhow::Result<()> {
     raise_fd_limit();
     let listener = TcpListener::bind(("0.0.0.0", port))?;
     println!("listening on {port}");
     io::stdout().flush()?;
     let handle = move |stream: TcpStream| {
         let _ = stream.set_nodelay(true);
-        let _ = stream.set_read_timeout(Some(IO_TIMEOUT));
+        let _ = stream.set_read_timeout(Some(idle_timeout));
         let _ = match once {
             Some(size) => echo_once(stream, size),
             None => echo(stream),
@@ -801,6 +822,76 @@ fn check_held(held: &mut [TcpStream]) -> serde_json::Value {
         slowest = slowest.max(started.elapsed().as_millis());
     }
     serde_json::json!({"ok": ok, "reset": reset, "eof": eof, "timeout": timeout, "slowest_ms": slowest})
+}
+
+/// [`hold`], counting what fails: every connection must be answered once (its byte echoed)
+/// and still be open, idle, once all are.
+fn hold_counted(to: SocketAddr, connections: usize, max: Duration) -> anyhow::Result<()> {
+    raise_fd_limit();
+    let started = Instant::now();
+    let mut held = Vec::with_capacity(connections);
+    let (mut attempted, mut failed) = (0usize, 0usize);
+    let mut first_error: Option<String> = None;
+    for i in 0..connections {
+        if started.elapsed() >= max {
+            break;
+        }
+        attempted += 1;
+        // A byte per connection that differs from its neighbours', so a crossed answer shows.
+        let out = [b'a' + (i % 26) as u8];
+        let answered = bench_connect(to).and_then(|mut stream| {
+            let mut back = [0u8; 1];
+            round_trip(&mut stream, &out, &mut back)?;
+            if back != out {
+                return Err(io::Error::other(format!(
+                    "sent {:?}, answered {:?}",
+                    out[0] as char, back[0] as char
+                )));
+            }
+            Ok(stream)
+        });
+        match answered {
+            Ok(stream) => held.push(stream),
+            Err(e) => {
+                failed += 1;
+                first_error.get_or_insert_with(|| format!("connection {i}: {e}"));
+            }
+        }
+    }
+    // Idle connections the mesh closed while the others opened are readable (EOF or reset).
+    let mut fds: Vec<libc::pollfd> = held
+        .iter()
+        .map(|s| libc::pollfd {
+            fd: std::os::fd::AsRawFd::as_raw_fd(s),
+            events: libc::POLLIN | libc::POLLRDHUP,
+            revents: 0,
+        })
+        .collect();
+    // SAFETY: poll over a valid array of pollfd structs, without waiting.
+    unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, 0) };
+    let closed_while_idle = fds.iter().filter(|p| p.revents != 0).count();
+    println!(
+        "ready {}",
+        serde_json::json!({
+            "requested": connections,
+            "attempted": attempted,
+            "answered": held.len(),
+            "failed": failed,
+            "first_error": first_error,
+            "closed_while_idle": closed_while_idle,
+            "open_secs": started.elapsed().as_secs_f64(),
+        })
+    );
+    io::stdout().flush()?;
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut sink = Vec::new();
+        let _ = io::stdin().read_to_end(&mut sink);
+        let _ = tx.send(());
+    });
+    let _ = rx.recv_timeout(max.saturating_sub(started.elapsed()));
+    drop(held);
+    Ok(())
 }
 
 /// One idle connection being watched.

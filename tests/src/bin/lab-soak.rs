@@ -5,10 +5,20 @@
 //!   while meshed probes run from the client pod to the server pod: new connections (each a
 //!   new tunnel) and round trips on a held connection. The same probes run once before the
 //!   flood, as the baseline.
-//! - **memory**: rounds of 10,000 concurrent connections through the mesh (fewer when the
-//!   agents' hard open-file limit cannot hold two descriptors per connection each); for both
-//!   agents the resident set and open descriptors before, at the peak and after the
-//!   connections closed.
+//! - **memory**: rounds of 10,000 concurrent idle connections from the client pod (node 1) to
+//!   the server pod (node 2), each answered once, then all closed. It fails (exit status 1,
+//!   after writing its figures) when a connection is not answered or is closed while idle;
+//!   when, after a round, an agent's descriptors are not back within [`FD_SLACK`] of their
+//!   baseline or its resident set within `--rss-margin-mib` of its baseline (waiting at most
+//!   [`BACK_WAIT`]); or when an agent's status reports more records than its ring holds.
+//!   Before the rounds, a warm-up of [`WARMUP_CONNECTIONS`] measures the descriptors one
+//!   connection costs each agent; when the agents' open-file limit cannot hold the rounds, it
+//!   stops with an error naming the limit and how to raise it (it never lowers the count by
+//!   itself; `--connections` does).
+//!
+//! The baselines are the agents' figures after the warm-up closed, settled. It counts only
+//! descriptors, memory and records of the agents' processes and drives connections through
+//! the pods, whatever the tunnel's wire format.
 //!
 //! Prints JSON and a Markdown table, and writes the table into BENCHMARKS.md between the soak
 //! markers and the JSON to soak-results.json (at the repository root unless `--out` says
@@ -42,9 +52,16 @@ struct Args {
     /// Idle connects in the flood.
     #[arg(long, default_value_t = 20_000, value_parser = clap::value_parser!(u64).range(2..=40_000))]
     flood: u64,
-    /// Concurrent connections per memory round (lowered to what the open-file limit allows).
+    /// Concurrent connections per memory round.
     #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..=10_000))]
     connections: u64,
+    /// How far above its baseline an agent's resident set may stay after a round, in MiB.
+    #[arg(long, default_value_t = 8)]
+    rss_margin_mib: u64,
+    /// Start the agents with this open-file limit (soft and hard) instead of the inherited
+    /// one, e.g. to see the error a too low limit gives.
+    #[arg(long)]
+    agent_nofile: Option<u64>,
     /// Memory rounds.
     #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u64).range(1..=5))]
     rounds: u64,
@@ -70,7 +87,11 @@ struct Soak {
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let started = Instant::now();
-    let mut lab = Lab::new(LabOptions::default())?;
+    let mut lab = Lab::new(LabOptions {
+        agent_args: vec!["--record-capacity".into(), RECORD_CAPACITY.to_string()],
+        agent_nofile: args.agent_nofile,
+        ..LabOptions::default()
+    })?;
     let client = lab.add_pod(1, "client", "default")?;
     let server = lab.add_pod(2, "server", "default")?;
     let outsider = lab.add_pod(1, "outsider", "default")?;
@@ -78,7 +99,8 @@ fn main() -> anyhow::Result<()> {
     lab.enroll(&server, "tracker", &[])?;
     for (port, extra) in [
         (ECHO_ONCE_PORT, vec!["--once", "64", "--workers", "4"]),
-        (ECHO_PORT, vec![]),
+        // Held connections stay idle while the others open: no idle timeout in the round.
+        (ECHO_PORT, vec!["--idle-timeout-ms", "600000"]),
     ] {
         let mut echo = lab.in_pod(&server, fixture_bin()?)?;
         echo.args(["echo", "--port", &port.to_string()])
@@ -104,7 +126,7 @@ fn main() -> anyhow::Result<()> {
         println!("{}", serde_json::to_string_pretty(&results["flood"])?);
     }
     if args.only.as_deref() != Some("flood") {
-        results["memory"] = soak.memory(args.connections, args.rounds)?;
+        results["memory"] = soak.memory(args.connections, args.rounds, args.rss_margin_mib)?;
         println!("{}", serde_json::to_string_pretty(&results["memory"])?);
     }
     results["elapsed_seconds"] = json!(started.elapsed().as_secs());
@@ -131,6 +153,17 @@ fn main() -> anyhow::Result<()> {
             println!("soak: wrote {}", dir.display());
         }
     }
+    let failures: Vec<&str> = results["memory"]["failures"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(Value::as_str)
+        .collect();
+    ensure!(
+        failures.is_empty(),
+        "the memory rounds failed:\n- {}",
+        failures.join("\n- ")
+    );
     Ok(())
 }
 
@@ -264,84 +297,286 @@ impl Soak {
         Ok(run_bounded(curl, Duration::from_secs(15))?.stdout)
     }
 
-    fn memory(&self, requested: u64, rounds: u64) -> anyhow::Result<Value> {
+    /// Rounds of `requested` concurrent connections, each answered once, then all closed;
+    /// judged as the module's documentation says. Failures of the judgement are collected in
+    /// the result's `failures` (the run goes on, so every round's figures are reported).
+    fn memory(&self, requested: u64, rounds: u64, rss_margin_mib: u64) -> anyhow::Result<Value> {
         let pids = [self.agent_pid(1)?, self.agent_pid(2)?];
-        // Two descriptors per connection in each agent, plus what the agent holds anyway.
-        let room = pids
-            .iter()
-            .map(|&pid| Ok((nofile_hard(pid)?.saturating_sub(fd_count(pid)? + 100)) / 2))
-            .collect::<anyhow::Result<Vec<u64>>>()?;
-        let connections = requested.min(room.iter().copied().min().unwrap_or(0));
-        println!(
-            "soak: {rounds} memory rounds of {connections} connections (requested {requested})"
+        let before = self.sample(&pids)?;
+        // A small round first: what one connection costs each agent in descriptors, measured
+        // rather than assumed (it depends on how the tunnel carries connections).
+        let warmup = self.hold_round(WARMUP_CONNECTIONS)?;
+        let peak = self.sample(&pids)?;
+        ensure!(
+            warmup.answered == WARMUP_CONNECTIONS,
+            "warm-up: {} of {WARMUP_CONNECTIONS} connections answered ({})",
+            warmup.answered,
+            warmup.first_error.as_deref().unwrap_or("no error reported")
         );
-        let sample = || -> anyhow::Result<Value> {
-            Ok(json!(
-                pids.iter()
-                    .map(|&pid| Ok(json!({"rss_kib": rss_kib(pid)?, "fds": fd_count(pid)?})))
-                    .collect::<anyhow::Result<Vec<Value>>>()?
-            ))
-        };
+        warmup.close();
+        let mut need = Vec::new();
+        for (index, &pid) in pids.iter().enumerate() {
+            let node = index + 1;
+            let (soft, hard) = nofile(pid)?;
+            let held = before[index].fds;
+            let per_connection =
+                peak[index].fds.saturating_sub(held) as f64 / WARMUP_CONNECTIONS as f64;
+            let needed = held + (per_connection * requested as f64).ceil() as u64 + FD_HEADROOM;
+            let fits = ((soft.saturating_sub(held + FD_HEADROOM)) as f64 / per_connection.max(0.01))
+                as u64;
+            ensure!(
+                needed <= soft,
+                "the agent of node {node} (pid {pid}) may open {soft} descriptors \
+                 (RLIMIT_NOFILE: the agent raised its soft limit to the hard limit, {hard}, at \
+                 start), but {requested} connections need about {needed} of them: \
+                 {per_connection:.2} per connection (measured over {WARMUP_CONNECTIONS}), \
+                 {} already open and {FD_HEADROOM} to spare. Raise the hard open-file limit \
+                 of the shell that runs the soak (as root: `ulimit -Hn 65536`, which needs \
+                 CAP_SYS_RESOURCE; in a container `--ulimit nofile=65536:65536`; under systemd \
+                 LimitNOFILE=), or ask for fewer connections: --connections {fits} fits",
+                held
+            );
+            need.push(
+                json!({"node": node, "nofile_soft": soft, "nofile_hard": hard,
+                "fds_per_connection": per_connection, "fds_needed": needed}),
+            );
+        }
+        // The baseline: after the warm-up closed and one status request (the agents have
+        // served connections and answered status once), the descriptors back where they
+        // were and the allocator given time to purge.
+        self.record_counts()?;
+        self.wait_back(&pids, &before, u64::MAX / 2048);
+        let baseline = self.sample(&pids)?;
+        println!(
+            "soak: {rounds} memory rounds of {requested} connections; baseline {}",
+            json!(baseline)
+        );
+        let record_cap =
+            RECORD_CAPACITY + interceptor::records::NOISE_CAPACITY.min(RECORD_CAPACITY);
+        let mut failures: Vec<String> = Vec::new();
         let mut out = Vec::new();
+        let mut most_records = [0usize; 2];
         for round in 1..=rounds {
-            let baseline = sample()?;
-            let opened = Instant::now();
-            let mut hold = self.lab.in_pod(&self.client, fixture_bin()?)?;
-            hold.args([
-                "hold",
-                "--to",
-                &format!("{}:{ECHO_PORT}", self.server.ip),
-                "--connections",
-                &connections.to_string(),
-                "--max-ms",
-                "180000",
-            ])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-            let mut child = hold.spawn()?;
-            let mut line = String::new();
-            BufReader::new(child.stdout.take().context("stdout")?).read_line(&mut line)?;
-            if !line.starts_with("ready") {
-                let _ = child.kill();
-                let err = child.wait_with_output()?.stderr;
-                anyhow::bail!(
-                    "round {round}: hold failed: {line}{}",
-                    String::from_utf8_lossy(&err)
-                );
+            let hold = self.hold_round(requested)?;
+            let peak = self.sample(&pids)?;
+            let unanswered = requested - hold.answered;
+            if unanswered > 0 || hold.closed_while_idle > 0 {
+                failures.push(format!(
+                    "round {round}: {unanswered} of {requested} connections not answered, {} \
+                     closed while idle (first error: {})",
+                    hold.closed_while_idle,
+                    hold.first_error.as_deref().unwrap_or("none")
+                ));
             }
-            let open_secs = opened.elapsed().as_secs_f64();
-            let peak = sample()?;
-            if let Some(mut stdin) = child.stdin.take() {
-                let _ = stdin.flush();
-            }
-            let _ = child.wait();
-            // Closed when both agents are back to their baseline descriptors (30 s at most),
-            // then 10 s for the allocator to give memory back.
-            let deadline = Instant::now() + Duration::from_secs(30);
-            while Instant::now() < deadline {
-                let back = pids
-                    .iter()
-                    .zip(baseline.as_array().into_iter().flatten())
-                    .all(|(&pid, base)| {
-                        fd_count(pid).unwrap_or(u64::MAX) <= base["fds"].as_u64().unwrap_or(0) + 4
-                    });
-                if back {
-                    break;
+            let records_peak = self.record_counts()?;
+            let open_secs = hold.open_secs;
+            let tally = hold.tally.clone();
+            hold.close();
+            let after = self.wait_back(&pids, &baseline, rss_margin_mib);
+            let records_after = self.record_counts()?;
+            for index in 0..2 {
+                let node = index + 1;
+                most_records[index] = most_records[index]
+                    .max(records_peak[index])
+                    .max(records_after[index]);
+                if after[index].fds > baseline[index].fds + FD_SLACK {
+                    failures.push(format!(
+                        "round {round}: the agent of node {node} holds {} descriptors {} s after \
+                         the connections closed; its baseline is {} (slack {FD_SLACK})",
+                        after[index].fds,
+                        BACK_WAIT.as_secs(),
+                        baseline[index].fds
+                    ));
                 }
-                std::thread::sleep(Duration::from_millis(200));
+                if after[index].rss_kib > baseline[index].rss_kib + rss_margin_mib * 1024 {
+                    failures.push(format!(
+                        "round {round}: the agent of node {node} is resident at {} after the \
+                         connections closed; its baseline is {} (margin {rss_margin_mib} MiB)",
+                        mib_of(after[index].rss_kib),
+                        mib_of(baseline[index].rss_kib)
+                    ));
+                }
+                let most = records_peak[index].max(records_after[index]);
+                if most > record_cap {
+                    failures.push(format!(
+                        "round {round}: the agent of node {node} keeps {most} records; its ring \
+                         holds at most {record_cap} ({RECORD_CAPACITY} records and the noise ring)"
+                    ));
+                }
             }
-            std::thread::sleep(Duration::from_secs(10));
-            let after = sample()?;
             let round_result = json!({
-                "round": round, "connections": connections, "open_secs": open_secs,
-                "baseline": baseline, "peak": peak, "after_close": after,
+                "round": round, "connections": requested, "open_secs": open_secs,
+                "hold": tally, "baseline": baseline, "peak": peak, "after_close": after,
+                "records_at_peak": records_peak, "records_after": records_after,
             });
             println!("soak: {round_result}");
             out.push(round_result);
         }
-        Ok(json!({"requested": requested, "connections": connections, "rounds": out}))
+        Ok(json!({
+            "requested": requested, "connections": requested, "rounds": out,
+            "limits": need, "rss_margin_mib": rss_margin_mib, "fd_slack": FD_SLACK,
+            "record_cap": record_cap, "most_records": most_records, "failures": failures,
+        }))
     }
+
+    /// RSS and descriptors of each agent.
+    fn sample(&self, pids: &[u32; 2]) -> anyhow::Result<[Usage; 2]> {
+        Ok([usage(pids[0])?, usage(pids[1])?])
+    }
+
+    /// Waits (at most [`BACK_WAIT`]) until both agents' descriptors are back within
+    /// [`FD_SLACK`] of `baseline` and their RSS within the margin (jemalloc purges freed pages
+    /// after about a second), then [`SETTLE`] more, and samples them.
+    fn wait_back(&self, pids: &[u32; 2], baseline: &[Usage; 2], rss_margin_mib: u64) -> [Usage; 2] {
+        let deadline = Instant::now() + BACK_WAIT;
+        loop {
+            let now = [
+                usage(pids[0]).unwrap_or(Usage::GONE),
+                usage(pids[1]).unwrap_or(Usage::GONE),
+            ];
+            let back = now.iter().zip(baseline).all(|(now, base)| {
+                now.fds <= base.fds + FD_SLACK
+                    && now.rss_kib <= base.rss_kib + rss_margin_mib * 1024
+            });
+            if back {
+                // Judged (and reported) settled, not on the first sample under the margin.
+                std::thread::sleep(SETTLE);
+                return [
+                    usage(pids[0]).unwrap_or(Usage::GONE),
+                    usage(pids[1]).unwrap_or(Usage::GONE),
+                ];
+            }
+            if Instant::now() > deadline {
+                return now;
+            }
+            std::thread::sleep(Duration::from_millis(250));
+        }
+    }
+
+    /// How many records each agent's status reports (`interceptor status --output json`).
+    fn record_counts(&self) -> anyhow::Result<[usize; 2]> {
+        let mut counts = [0; 2];
+        for (index, count) in counts.iter_mut().enumerate() {
+            let node = index as u8 + 1;
+            let status: Value =
+                serde_json::from_str(&self.lab.cli_ok(node, &["status", "--output", "json"])?)
+                    .with_context(|| format!("status of node {node} is not JSON"))?;
+            *count = status["records"]
+                .as_array()
+                .with_context(|| format!("status of node {node} has no records"))?
+                .len();
+        }
+        Ok(counts)
+    }
+
+    /// Opens `connections` connections from the client pod to the server pod's echo port,
+    /// each answered once, and holds them until [`Held::close`].
+    fn hold_round(&self, connections: u64) -> anyhow::Result<Held> {
+        let mut hold = self.lab.in_pod(&self.client, fixture_bin()?)?;
+        hold.args([
+            "hold",
+            "--count-failures",
+            "--to",
+            &format!("{}:{ECHO_PORT}", self.server.ip),
+            "--connections",
+            &connections.to_string(),
+            "--max-ms",
+            &HOLD_MAX.as_millis().to_string(),
+        ])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+        let mut child = hold.spawn()?;
+        let mut line = String::new();
+        // Bounded by the fixture's --max-ms: it exits (closing stdout) when time is up.
+        BufReader::new(child.stdout.take().context("stdout")?).read_line(&mut line)?;
+        let Some(tally) = line
+            .strip_prefix("ready ")
+            .and_then(|json| serde_json::from_str::<Value>(json).ok())
+        else {
+            let _ = child.kill();
+            let err = child.wait_with_output()?.stderr;
+            anyhow::bail!("hold failed: {line}{}", String::from_utf8_lossy(&err));
+        };
+        let count = |key: &str| tally[key].as_u64().unwrap_or(0);
+        Ok(Held {
+            answered: count("answered"),
+            closed_while_idle: count("closed_while_idle"),
+            first_error: tally["first_error"].as_str().map(str::to_owned),
+            open_secs: tally["open_secs"].as_f64().unwrap_or(0.0),
+            tally,
+            child,
+        })
+    }
+}
+
+/// Connections of the warm-up round that measures descriptors per connection.
+const WARMUP_CONNECTIONS: u64 = 200;
+/// Descriptors an agent must have to spare beyond the connections (the reserve descriptor,
+/// state files, admin and metrics connections made while the soak runs).
+const FD_HEADROOM: u64 = 64;
+/// Descriptors above the baseline an agent may still hold after a round. Nothing in the
+/// agent should stay open once the connections have closed; 2 covers an admin or metrics
+/// connection being closed while the soak counts.
+const FD_SLACK: u64 = 2;
+/// How long the agents get to come back to their baseline after a round.
+const BACK_WAIT: Duration = Duration::from_secs(30);
+/// How long the agents settle before the baseline is taken (jemalloc purges freed pages
+/// after about a second).
+const SETTLE: Duration = Duration::from_secs(3);
+/// How long one round may take to open its connections.
+const HOLD_MAX: Duration = Duration::from_secs(180);
+/// Records each agent keeps (passed as --record-capacity; the agent's default).
+const RECORD_CAPACITY: usize = 10_000;
+
+/// Resident memory and open descriptors of a process.
+#[derive(Clone, Copy, serde::Serialize)]
+struct Usage {
+    rss_kib: u64,
+    fds: u64,
+}
+
+impl Usage {
+    /// What a process that is gone is counted as: never back.
+    const GONE: Usage = Usage {
+        rss_kib: u64::MAX / 2048,
+        fds: u64::MAX / 2,
+    };
+}
+
+fn usage(pid: u32) -> anyhow::Result<Usage> {
+    Ok(Usage {
+        rss_kib: rss_kib(pid)?,
+        fds: fd_count(pid)?,
+    })
+}
+
+/// A round's connections, open.
+struct Held {
+    answered: u64,
+    closed_while_idle: u64,
+    first_error: Option<String>,
+    open_secs: f64,
+    tally: Value,
+    child: Child,
+}
+
+impl Held {
+    /// Closes every connection (the fixture exits when its stdin closes) and waits for the
+    /// fixture, at most 20 s.
+    fn close(mut self) {
+        drop(self.child.stdin.take());
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while matches!(self.child.try_wait(), Ok(None)) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn mib_of(kib: u64) -> String {
+    format!("{:.1} MiB", kib as f64 / 1024.0)
 }
 
 /// The commit measured, marked when the working tree has uncommitted changes.
@@ -363,14 +598,23 @@ fn fd_count(pid: u32) -> anyhow::Result<u64> {
     Ok(std::fs::read_dir(format!("/proc/{pid}/fd"))?.count() as u64)
 }
 
-fn nofile_hard(pid: u32) -> anyhow::Result<u64> {
+/// The open-file limit of a process, soft and hard.
+fn nofile(pid: u32) -> anyhow::Result<(u64, u64)> {
     let limits = std::fs::read_to_string(format!("/proc/{pid}/limits"))?;
-    limits
+    let line = limits
         .lines()
         .find(|l| l.starts_with("Max open files"))
-        .and_then(|l| l.split_whitespace().nth(4))
-        .and_then(|v| v.parse().ok())
-        .context("no open-file limit in /proc/PID/limits")
+        .context("no open-file limit in /proc/PID/limits")?;
+    let mut values = line.split_whitespace().skip(3).map(|v| {
+        if v == "unlimited" {
+            Ok(u64::MAX)
+        } else {
+            v.parse::<u64>().context("open-file limit")
+        }
+    });
+    let soft = values.next().context("no soft open-file limit")??;
+    let hard = values.next().context("no hard open-file limit")??;
+    Ok((soft, hard))
 }
 
 fn mib(kib: &Value) -> String {
@@ -435,24 +679,52 @@ fn markdown(results: &Value) -> String {
     let memory = &results["memory"];
     if memory.is_object() {
         out += &format!(
-            "### Memory: rounds of {} concurrent connections (requested {})\n\n\
-| round | agent | RSS baseline (MiB) | RSS peak | RSS after close | fds baseline | fds peak | fds after close |\n|---|---|---:|---:|---:|---:|---:|---:|\n",
-            memory["connections"], memory["requested"]
+            "### Memory: rounds of {} concurrent connections, each answered once\n\n\
+| round | agent | answered | RSS baseline (MiB) | RSS peak | RSS after close | fds baseline | fds peak | fds after close | records at peak / after |\n|---|---|---:|---:|---:|---:|---:|---:|---:|---:|\n",
+            memory["connections"]
         );
         for round in memory["rounds"].as_array().into_iter().flatten() {
             for agent in 0..2 {
                 let at = |when: &str, what: &str| round[when][agent][what].clone();
                 out += &format!(
-                    "| {} | node-{} | {} | {} | {} | {} | {} | {} |\n",
+                    "| {} | node-{} | {} | {} | {} | {} | {} | {} | {} | {} / {} |\n",
                     round["round"],
                     agent + 1,
+                    round["hold"]["answered"],
                     mib(&at("baseline", "rss_kib")),
                     mib(&at("peak", "rss_kib")),
                     mib(&at("after_close", "rss_kib")),
                     at("baseline", "fds"),
                     at("peak", "fds"),
                     at("after_close", "fds"),
+                    round["records_at_peak"][agent],
+                    round["records_after"][agent],
                 );
+            }
+        }
+        out += &format!(
+            "\nJudged: descriptors back within {} of the baseline and RSS within {} MiB, at most \
+{} s after the close; records in status at most {}. ",
+            memory["fd_slack"],
+            memory["rss_margin_mib"],
+            BACK_WAIT.as_secs(),
+            memory["record_cap"]
+        );
+        for limit in memory["limits"].as_array().into_iter().flatten() {
+            out += &format!(
+                "Agent of node-{}: open-file limit {}, {:.2} descriptors per connection. ",
+                limit["node"],
+                limit["nofile_soft"],
+                limit["fds_per_connection"].as_f64().unwrap_or(0.0)
+            );
+        }
+        let failures = memory["failures"].as_array().cloned().unwrap_or_default();
+        if failures.is_empty() {
+            out += "Every check passed.\n";
+        } else {
+            out += "**Failed:**\n\n";
+            for failure in failures {
+                out += &format!("- {}\n", failure.as_str().unwrap_or(""));
             }
         }
     }
