@@ -66,7 +66,7 @@ pub fn fuzz(seconds: u64, targets: &[String]) -> Result<()> {
 }
 
 /// Seconds each target runs in the smoke of `cargo xtask test`.
-pub const SMOKE_SECONDS: u64 = 30;
+pub const SMOKE_SECONDS: u64 = 20;
 
 /// How the smoke builds the targets: without a sanitizer and in 16 codegen units, which
 /// builds several times cheaper than cargo-fuzz's default (AddressSanitizer, one codegen

@@ -45,7 +45,7 @@ enum Command {
     /// lab, so tests run with --test-threads=1 and --no-fail-fast), then clippy
     /// with -D warnings on the host crates and on the eBPF crate for its bpfel target, then
     /// `cargo fmt --all -- --check`. Without arguments it also runs a fuzz smoke (each target
-    /// of `fuzz/` for 30 s, built without a sanitizer) after the tests. Every step runs even if
+    /// of `fuzz/` for 20 s, built without a sanitizer) after the tests. Every step runs even if
     /// an earlier one failed (except the tests when the build failed); the exit status is
     /// non-zero if any step failed. Arguments after `--` go to the test binaries, e.g.
     /// `cargo xtask test -- --nocapture` or a test name filter (which skips the fuzz smoke).
