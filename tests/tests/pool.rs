@@ -1,7 +1,8 @@
 //! Issue 13: pooled HBONE tunnels on the lab (root, real kernel, real TLS and HTTP/2).
-//! Connections from one pod to another share a tunnel, one stream each; a tunnel carries one
-//! pod's connections only; a killed tunnel resets its streams at once; a renewed certificate
-//! retires the tunnels made with the old one without cutting their connections.
+//! Connections from one pod to another share pooled tunnels (busy ones spread over
+//! `--tunnel-spread`), one stream each; a tunnel carries one pod's connections only; a killed
+//! tunnel resets its streams at once; a renewed certificate retires the tunnels made with the
+//! old one without cutting their connections.
 
 use std::{
     io::{BufRead, BufReader, Write},
@@ -17,6 +18,8 @@ use interceptor_tests::{
 use serde_json::Value;
 
 const SINK_PORT: u16 = 9000;
+/// The agent's default `--tunnel-spread`.
+const SPREAD: u64 = 2;
 const ECHO_PORT: u16 = 7002;
 
 /// Two nodes; pods `client` (account sleep) and `other` (account other) on node 1, `server`
@@ -160,7 +163,7 @@ fn tunnels_in(pod: &Pod, server: &Pod) -> anyhow::Result<usize> {
 }
 
 #[test]
-fn concurrent_connections_from_one_pod_share_one_tunnel_byte_exact() -> anyhow::Result<()> {
+fn concurrent_connections_from_one_pod_share_pooled_tunnels_byte_exact() -> anyhow::Result<()> {
     let (lab, client, _other, server) = pool_lab(&["--tunnel-idle-timeout-secs", "2"])?;
     // 50 connections at once, 2 MB each, every byte checked by the sink's SHA-256.
     succeeded(
@@ -169,13 +172,14 @@ fn concurrent_connections_from_one_pod_share_one_tunnel_byte_exact() -> anyhow::
     )?;
     let opened = tunnel_metric(&lab, 1, "interceptor_hbone_tunnels_opened_total", &client)?;
     let streams = tunnel_metric(&lab, 1, "interceptor_hbone_streams_opened_total", &client)?;
+    // Busy streams spread over --tunnel-spread tunnels, and no more.
     ensure!(
-        opened == 1 && streams == 50,
-        "expected 50 streams over 1 tunnel, got {streams} over {opened}"
+        opened == SPREAD && streams == 50,
+        "expected 50 streams over {SPREAD} tunnels, got {streams} over {opened}"
     );
     ensure!(
-        tunnels_in(&client, &server)? == 1,
-        "one TCP tunnel expected"
+        tunnels_in(&client, &server)? == SPREAD as usize,
+        "{SPREAD} TCP tunnels expected"
     );
     // Each stream is its own connection on the destination, with the caller's own port and
     // its own byte count.
@@ -231,10 +235,10 @@ fn a_tunnel_never_carries_another_pods_connections() -> anyhow::Result<()> {
     succeeded(second, "other's connections")?;
     for pod in [&client, &other] {
         let opened = tunnel_metric(&lab, 1, "interceptor_hbone_tunnels_opened_total", pod)?;
-        ensure!(opened == 1, "{}: {opened} tunnels opened", pod.name);
+        ensure!(opened == SPREAD, "{}: {opened} tunnels opened", pod.name);
         ensure!(
-            tunnels_in(pod, &server)? == 1,
-            "{}: one TCP tunnel",
+            tunnels_in(pod, &server)? == SPREAD as usize,
+            "{}: its own {SPREAD} TCP tunnels",
             pod.name
         );
     }
@@ -272,17 +276,17 @@ fn a_tunnel_never_carries_another_pods_connections() -> anyhow::Result<()> {
 }
 
 #[test]
-fn a_killed_tunnel_resets_its_streams_at_once_and_the_next_connection_opens_a_new_one()
+fn killed_tunnels_reset_their_streams_at_once_and_the_next_connection_opens_a_new_one()
 -> anyhow::Result<()> {
     let (lab, client, _other, server) = pool_lab(&[])?;
     let mut held = Held::open(&lab, &client, &server, 20)?;
     let before = held.check()?;
     ensure!(before["ok"] == 20, "held connections work: {before}");
     ensure!(
-        tunnels_in(&client, &server)? == 1,
-        "one TCP tunnel expected"
+        tunnels_in(&client, &server)? == SPREAD as usize,
+        "{SPREAD} TCP tunnels expected"
     );
-    // Kill the tunnel's TCP connection in the client pod (a reset to the peer agent too).
+    // Kill the tunnels' TCP connections in the client pod (a reset to the peer agent too).
     let out = Command::new("ip")
         .args(["netns", "exec", &client.netns, "ss", "-K", "-tn"])
         .args(["dst", &server.ip.to_string(), "dport", "=", "15008"])
@@ -306,7 +310,10 @@ fn a_killed_tunnel_resets_its_streams_at_once_and_the_next_connection_opens_a_ne
     // The next connection opens a new tunnel.
     succeeded(many(&lab, &client, &server, 1, 1000)?, "a new connection")?;
     let opened = tunnel_metric(&lab, 1, "interceptor_hbone_tunnels_opened_total", &client)?;
-    ensure!(opened == 2, "a second tunnel expected, {opened} opened");
+    ensure!(
+        opened == SPREAD + 1,
+        "a new tunnel expected, {opened} opened in all"
+    );
     Ok(())
 }
 

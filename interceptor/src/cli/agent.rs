@@ -90,6 +90,11 @@ pub struct AgentArgs {
     /// carries at once, as HBONE streams; more open another tunnel.
     #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..=256))]
     tunnel_max_streams: u32,
+    /// Tunnels that connections from one pod to one destination pod spread over while every
+    /// tunnel has a connection: each tunnel is encrypted on one thread, so busy connections
+    /// on separate tunnels use separate cores. 1 puts them all on one tunnel.
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..=16))]
+    tunnel_spread: u32,
     /// Seconds a pooled tunnel with no connections stays open before it is closed.
     #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..=86_400))]
     tunnel_idle_timeout_secs: u64,
@@ -167,6 +172,7 @@ pub fn run(args: AgentArgs) -> anyhow::Result<()> {
         tunnel_limits,
         pool_limits: PoolLimits {
             max_streams: args.tunnel_max_streams as usize,
+            spread: args.tunnel_spread as usize,
             idle_timeout: Duration::from_secs(args.tunnel_idle_timeout_secs),
         },
     };

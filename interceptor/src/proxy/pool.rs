@@ -6,9 +6,12 @@
 //! cannot reach A's pool. Within a pod's pool, tunnels are keyed by the destination's identity
 //! and tunnel address (ztunnel's pool key, less the source, which the pool already fixes).
 //!
-//! - A tunnel carries at most [`PoolLimits::max_streams`] streams at once; past that, another
-//!   tunnel is opened. Tunnels to one key are opened one at a time, so a burst of connects
-//!   to a new destination waits for one handshake and shares its tunnel.
+//! - A new stream goes to the key's tunnel with the fewest streams. While every tunnel has a
+//!   stream, streams spread over up to [`PoolLimits::spread`] tunnels, because one tunnel's
+//!   encryption runs on one thread: several busy connections to one pod would otherwise share
+//!   one core. A tunnel carries at most [`PoolLimits::max_streams`] streams at once; past
+//!   that, another tunnel is opened. Tunnels to one key are opened one at a time, so a burst
+//!   of connects to a new destination waits for one handshake and shares its tunnel.
 //! - A tunnel without streams for [`PoolLimits::idle_timeout`] is closed (HTTP/2 GOAWAY).
 //! - A renewed certificate retires the tunnels made with the old one: they take no new
 //!   streams and close once their last stream ends, so no connection is cut.
@@ -42,6 +45,8 @@ use crate::{identity::Identity, sync::lock, tls};
 pub struct PoolLimits {
     /// Streams one tunnel carries at once.
     pub max_streams: usize,
+    /// Tunnels that busy streams to one destination spread over (1: always one tunnel).
+    pub spread: usize,
     /// How long a tunnel without streams stays open.
     pub idle_timeout: Duration,
 }
@@ -50,6 +55,7 @@ impl Default for PoolLimits {
     fn default() -> Self {
         Self {
             max_streams: 100,
+            spread: 2,
             idle_timeout: Duration::from_secs(60),
         }
     }
@@ -173,23 +179,30 @@ impl TunnelPool {
         Err(last_error)
     }
 
-    /// A lease on an open tunnel of the current certificate generation with room for one
-    /// more stream; tunnels that are closed or of an older generation leave the pool.
+    /// A lease on the open tunnel of the current certificate generation with the fewest
+    /// streams, unless it is full, or busy while fewer than `spread` tunnels are open: then
+    /// `None`, and the caller opens another. Tunnels that are closed or of an older
+    /// generation leave the pool.
     fn pooled(&self, key: &PoolKey, generation: u64) -> Option<Lease> {
         let mut tunnels = lock(&self.tunnels);
         let list = tunnels.get_mut(key)?;
         list.retain(|tunnel| {
             !tunnel.closed.load(Ordering::Acquire) && tunnel.generation == generation
         });
-        let found = list.iter().find_map(|tunnel| {
-            let open = tunnel.streams.load(Ordering::Acquire);
-            (open < self.limits.max_streams).then(|| {
-                tunnel.streams.fetch_add(1, Ordering::AcqRel);
-                Lease {
-                    tunnel: tunnel.clone(),
-                }
+        let open = list.len();
+        let found = list
+            .iter()
+            .min_by_key(|tunnel| tunnel.streams.load(Ordering::Acquire))
+            .filter(|least| {
+                let streams = least.streams.load(Ordering::Acquire);
+                streams < self.limits.max_streams && (streams == 0 || open >= self.limits.spread)
             })
-        });
+            .map(|least| {
+                least.streams.fetch_add(1, Ordering::AcqRel);
+                Lease {
+                    tunnel: least.clone(),
+                }
+            });
         if list.is_empty() {
             tunnels.remove(key);
         }
