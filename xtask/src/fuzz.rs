@@ -123,6 +123,10 @@ pub fn smoke(seconds: u64) -> Result<()> {
     Ok(())
 }
 
+/// The cargo-fuzz release installed when none is present (the one the runs here used; a
+/// newer one may need a newer rustc).
+const CARGO_FUZZ_VERSION: &str = "0.13.2";
+
 /// Installs cargo-fuzz from crates.io when it is missing.
 fn ensure_cargo_fuzz() -> Result<()> {
     let present = std::process::Command::new("cargo")
@@ -134,6 +138,12 @@ fn ensure_cargo_fuzz() -> Result<()> {
     }
     step(
         "install cargo-fuzz",
-        &mut cmd::cargo(["install", "cargo-fuzz", "--locked"]),
+        &mut cmd::cargo([
+            "install",
+            "cargo-fuzz",
+            "--version",
+            CARGO_FUZZ_VERSION,
+            "--locked",
+        ]),
     )
 }
