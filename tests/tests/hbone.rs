@@ -52,7 +52,9 @@ fn an_independent_http2_client_opens_hbone_streams_and_bad_requests_are_refused_
     )?;
 
     let target = |port: u16| format!("{}:{port}", server.ip);
-    let mut command = lab.on_node(1, "python3")?;
+    // Debian's interpreter, which has the python3-h2 package set-up installs (another
+    // python3 on PATH, e.g. pyenv's, would not see it).
+    let mut command = lab.on_node(1, "/usr/bin/python3")?;
     command
         .arg(client_script())
         .arg(format!("{}:15008", server.ip))
@@ -68,7 +70,7 @@ fn an_independent_http2_client_opens_hbone_streams_and_bad_requests_are_refused_
         ]);
     let out = command
         .output()
-        .context("running python3 (setup installs python3-h2)")?;
+        .context("running /usr/bin/python3 (setup installs python3-h2)")?;
     ensure!(
         out.status.success(),
         "hbone client: {}{}",
