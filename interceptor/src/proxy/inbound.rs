@@ -178,27 +178,20 @@ async fn handle(
     // Authenticated and asked for a stream: it no longer counts as pending.
     drop(permit);
     let caller = ip_of(peer);
-    let (request, respond) = first;
-    tokio::spawn(serve_stream(
-        request,
-        respond,
-        conn.clone(),
-        caller,
-        pod.clone(),
-        shared.clone(),
-    ));
+    let serve = |(request, respond)| {
+        tokio::spawn(serve_stream(
+            request,
+            respond,
+            conn.clone(),
+            caller,
+            pod.clone(),
+            shared.clone(),
+        ));
+    };
+    serve(first);
     loop {
         match connection.accept().await {
-            Some(Ok((request, respond))) => {
-                tokio::spawn(serve_stream(
-                    request,
-                    respond,
-                    conn.clone(),
-                    caller,
-                    pod.clone(),
-                    shared.clone(),
-                ));
-            }
+            Some(Ok(stream)) => serve(stream),
             Some(Err(e)) => {
                 // Its streams fail with the same error, and their relays reset the apps.
                 debug!(workload = %pod.workload, %peer, "tunnel failed: {e}");
