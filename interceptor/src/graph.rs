@@ -381,6 +381,7 @@ mod tests {
             destination_identity: Some("spiffe://cluster.local/ns/vehicles/sa/tracker".into()),
             destination_workload: Some(tracker()),
             destination_service: None,
+            peer_certificate_serial: None,
             security,
         }
     }

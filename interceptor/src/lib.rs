@@ -7,6 +7,11 @@
 //! ([`delivery`]) and the descriptor limits ([`limits`]).
 #![deny(unsafe_code)]
 
+/// Unit tests run on the agent's allocator, so [`memory`]'s figures are the ones it serves.
+#[cfg(test)]
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 pub mod admin;
 pub mod agent;
 pub mod app;
@@ -25,6 +30,7 @@ pub mod identity;
 pub mod kube;
 #[allow(unsafe_code)]
 pub mod limits;
+pub mod memory;
 pub mod mesh;
 pub mod metrics;
 #[allow(unsafe_code)]

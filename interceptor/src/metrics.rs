@@ -15,6 +15,7 @@ use tokio::{
 use crate::{
     admin::protocol::StatusReport,
     ebpf::CounterReader,
+    memory::MemoryFigures,
     proxy::{
         admission::Admission,
         pool::{TunnelFigures, TunnelMetrics},
@@ -74,16 +75,20 @@ async fn handle(mut stream: TcpStream, sources: Arc<MetricsSources>) {
         )
     } else {
         match path {
-            "/metrics" => (
-                "200 OK",
-                "text/plain; version=0.0.4",
-                render(
+            "/metrics" => ("200 OK", "text/plain; version=0.0.4", {
+                let mut text = render(
                     &sources.records.metrics(),
                     &sources.counters.read(),
                     sources.admission.pending(),
                     &sources.tunnels.snapshot(),
-                ),
-            ),
+                );
+                // Without the allocator's figures the rest is still worth serving.
+                match MemoryFigures::read() {
+                    Ok(memory) => memory.render(&mut text),
+                    Err(error) => tracing::warn!("{error}"),
+                }
+                text
+            }),
             "/healthz/ready" => ("200 OK", "text/plain", "ready\n".to_owned()),
             "/healthz/live" => ("200 OK", "text/plain", "alive\n".to_owned()),
             _ => match web::route(path, query, sources.status.as_ref()).await {

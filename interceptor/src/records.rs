@@ -76,6 +76,11 @@ pub struct Connection {
     /// when the agent knows Services (Kubernetes mode).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub destination_service: Option<ServiceKey>,
+    /// Serial number (hex) of the certificate the other agent presented on the tunnel that
+    /// carried this connection: the caller's on inbound records, the destination's on
+    /// outbound ones. It tells which certificate a connection rode on across renewals.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub peer_certificate_serial: Option<String>,
     /// mutual_tls or plaintext.
     pub security: Security,
 }
@@ -669,6 +674,7 @@ mod tests {
                 name: "web".into(),
             }),
             destination_service: None,
+            peer_certificate_serial: None,
             security: Security::Plaintext,
         }
     }

@@ -288,6 +288,12 @@ pub fn peer_identity(state: &CommonState) -> Result<Identity, TlsError> {
     Ok(Identity::from_certificate(peer_leaf(state)?)?)
 }
 
+/// The serial number of the peer's leaf certificate (see [`crate::identity::certificate_serial`]),
+/// once the handshake is done.
+pub fn peer_certificate_serial(state: &CommonState) -> Result<String, TlsError> {
+    Ok(crate::identity::certificate_serial(peer_leaf(state)?)?)
+}
+
 /// Connects to a server expected to be `expected`, returning the stream and
 /// the (verified) server identity.
 pub async fn connect<IO>(

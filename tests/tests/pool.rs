@@ -2,7 +2,7 @@
 //! Connections from one pod to another share pooled tunnels (busy ones spread over
 //! `--tunnel-spread`), one stream each; a tunnel carries one pod's connections only; a killed
 //! tunnel resets its streams at once; a renewed certificate retires the tunnels made with the
-//! old one without cutting their connections.
+//! old one without cutting their connections, and new connections present the new one.
 
 use std::{
     io::{BufRead, BufReader, Write},
@@ -344,6 +344,46 @@ fn after_certificate_renewal_new_streams_use_a_new_tunnel_and_old_ones_finish() 
     ensure!(
         check["ok"] == 1,
         "the connection on the old tunnel broke: {check}"
+    );
+    // The destination saw which certificate each tunnel presented: the new connection's is
+    // one node 1 renewed, the held connection's the one from before.
+    let renewed: Vec<String> = lab
+        .agent_log(1)
+        .lines()
+        .filter(|line| line.contains("certificate rotated") && line.contains("/sa/sleep"))
+        .filter_map(|line| {
+            let serial = line.split("serial=").nth(1)?;
+            Some(serial.chars().take_while(char::is_ascii_hexdigit).collect())
+        })
+        .collect();
+    let serial_of = |node: u8, direction: &str, port: u16| -> anyhow::Result<String> {
+        let record = records(&lab, node)?
+            .into_iter()
+            .rev()
+            .find(|r| {
+                r["direction"] == direction
+                    && r["destination"] == format!("{}:{port}", server.ip).as_str()
+            })
+            .with_context(|| format!("no {direction} record to port {port} on node {node}"))?;
+        Ok(record["peer_certificate_serial"]
+            .as_str()
+            .with_context(|| format!("no certificate serial in {record}"))?
+            .to_owned())
+    };
+    let (old, new) = (
+        serial_of(2, "inbound", ECHO_PORT)?,
+        serial_of(2, "inbound", SINK_PORT)?,
+    );
+    ensure!(
+        renewed.contains(&new) && !renewed.contains(&old) && !old.is_empty(),
+        "the new connection rode on certificate {new}, the held one on {old}; node 1 renewed \
+         {renewed:?}"
+    );
+    // Node 1's record names the certificate the destination presented.
+    let destination = serial_of(1, "outbound", SINK_PORT)?;
+    ensure!(
+        destination.len() >= 16 && destination.chars().all(|c| c.is_ascii_hexdigit()),
+        "the destination's certificate serial: {destination:?}"
     );
     // ...and closes once that connection ends (the new one is idle but within its timeout).
     held.close()?;

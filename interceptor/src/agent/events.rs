@@ -60,6 +60,7 @@ async fn record(agent: &Agent, event: &KernelEvent, open_plaintext: &mut HashMap
         destination_identity: Some(workload.identity),
         destination_workload: Some(workload.key),
         destination_service: None,
+        peer_certificate_serial: None,
         security: Security::Plaintext,
     };
     let records = agent.records();

@@ -245,13 +245,16 @@ impl Agent {
                 .issue(&running.identity, self.config.cert_lifetime)
                 .map_err(|e| e.to_string())
                 .and_then(|cert| {
+                    let serial = cert.serial().map_err(|e| e.to_string())?;
                     let renewed = running.tls.renew(self.ca.trust_bundle(), &cert);
-                    renewed.map(|()| cert.not_after).map_err(|e| e.to_string())
+                    renewed
+                        .map(|()| (cert.not_after, serial))
+                        .map_err(|e| e.to_string())
                 });
             match renewed {
-                Ok(not_after) => {
+                Ok((not_after, serial)) => {
                     running.cert_not_after = not_after;
-                    info!(identity = %running.identity, "certificate rotated");
+                    info!(identity = %running.identity, %serial, "certificate rotated");
                 }
                 Err(e) => warn!(identity = %running.identity, "certificate rotation failed: {e}"),
             }

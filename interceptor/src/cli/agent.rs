@@ -126,11 +126,12 @@ enum LogFormat {
 }
 
 /// Logs to stderr, where container runtimes collect them, filtered by RUST_LOG (default
-/// `info`).
+/// `info`); coloured only on a terminal, so collected logs carry no escape codes.
 fn init_logging(format: LogFormat) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr);
     match format {
         LogFormat::Text => builder.init(),

@@ -70,6 +70,7 @@ fn record(
             destination_identity: None,
             destination_workload: Some(tracker().key()),
             destination_service: None,
+            peer_certificate_serial: None,
             security,
         },
         verdict,

@@ -53,6 +53,11 @@ impl WorkloadCert {
         &self.chain[0]
     }
 
+    /// The leaf's serial number, as [`super::certificate_serial`] writes it.
+    pub fn serial(&self) -> Result<String, IdentityError> {
+        super::certificate_serial(self.leaf())
+    }
+
     /// Writes the chain (leaf first) and the PKCS#8 key as PEM files, for tools outside the
     /// mesh; the key file is 0600 and neither file may exist yet.
     pub fn write_pem(&self, cert_path: &Path, key_path: &Path) -> Result<(), IdentityError> {

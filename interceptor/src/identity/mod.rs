@@ -24,4 +24,4 @@ pub use ca::{
     CA_CERT_FILE, CA_KEY_FILE, CLOCK_SKEW_ALLOWANCE, Ca, TRUST_BUNDLE_FILE, WorkloadCert,
 };
 pub use error::IdentityError;
-pub use spiffe::Identity;
+pub use spiffe::{Identity, certificate_serial};

@@ -219,6 +219,21 @@ pub(crate) fn parse_certificate<'a>(
     }
 }
 
+/// A certificate's serial number as lowercase hex (its DER bytes), as `openssl x509 -serial`
+/// prints it but in lower case: what tells two certificates of one identity apart.
+pub fn certificate_serial(cert: &CertificateDer<'_>) -> Result<String, IdentityError> {
+    let parsed = parse_certificate(cert).map_err(|reason| IdentityError::InvalidCertificate {
+        what: "workload",
+        reason,
+    })?;
+    Ok(parsed
+        .tbs_certificate
+        .raw_serial()
+        .iter()
+        .map(|byte| format!("{byte:02x}"))
+        .collect())
+}
+
 /// All URI subject alternative names of a certificate.
 pub(crate) fn uri_sans<'a>(cert: &X509Certificate<'a>) -> Result<Vec<&'a str>, String> {
     let sans = cert

@@ -82,6 +82,7 @@ pub(super) fn tunnel_connection(peer: SocketAddr, pod: &PodProxy) -> Connection 
         destination_identity: Some(pod.identity.to_string()),
         destination_workload: Some(pod.workload.clone()),
         destination_service: None,
+        peer_certificate_serial: None,
         security: Security::MutualTls,
     }
 }
@@ -130,6 +131,7 @@ async fn handle(
     // HTTP/2 connection takes the socket, so this is the last chance to say so).
     graceful_close(tunnel.get_ref().0.get_ref());
     conn.source_identity = Some(client.to_string());
+    conn.peer_certificate_serial = tls::peer_certificate_serial(tunnel.get_ref().1).ok();
     // The caller is authenticated; its workload name only labels the record.
     conn.source_workload = match shared.mesh.resolve(ip_of(peer)).await {
         Membership::Meshed(caller) => Some(caller.workload.clone()),

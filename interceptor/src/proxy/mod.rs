@@ -188,6 +188,7 @@ fn refused_for_lack_of_descriptors(
                 destination_identity: None,
                 destination_workload: None,
                 destination_service: None,
+                peer_certificate_serial: None,
                 security: if meshed {
                     Security::MutualTls
                 } else {

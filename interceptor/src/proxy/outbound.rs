@@ -92,15 +92,7 @@ async fn to_address(client: &mut TcpStream, target: Target, pod: &PodProxy, shar
             match stream_within_deadline(target.destination, target.source, &peer, pod, shared)
                 .await
             {
-                Ok(mut tunnel) => {
-                    relay::carry_stream(
-                        shared.records.open(conn),
-                        client,
-                        &mut tunnel,
-                        Caller::App,
-                    )
-                    .await;
-                }
+                Ok(mut tunnel) => carry_meshed(conn, client, &mut tunnel, shared).await,
                 Err(reason) => {
                     debug!(workload = %pod.workload, destination = %target.destination, "tunnel failed: {reason}");
                     shared.records.refused(conn, Verdict::Failed, reason);
@@ -111,6 +103,18 @@ async fn to_address(client: &mut TcpStream, target: Target, pod: &PodProxy, shar
         Membership::Outside => plaintext(client, &target, pod, shared).await,
         Membership::Unknown(why) => fail_closed(client, target, &why, pod, shared),
     }
+}
+
+/// Relays a meshed connection over its HBONE stream; the record names the certificate the
+/// destination agent presented on the stream's tunnel.
+async fn carry_meshed(
+    mut conn: Connection,
+    client: &mut TcpStream,
+    tunnel: &mut H2Stream,
+    shared: &ProxyShared,
+) {
+    conn.peer_certificate_serial = tunnel.peer_certificate_serial().map(str::to_owned);
+    relay::carry_stream(shared.records.open(conn), client, tunnel, Caller::App).await;
 }
 
 /// A Service's virtual address: its meshed backends over mutual TLS, in turn; plaintext to
@@ -141,8 +145,7 @@ async fn to_service(
         match stream_within_deadline(backend, target.source, &peer, pod, shared).await {
             Ok(mut tunnel) => {
                 let conn = new_connection(&target, pod, Some(&peer), Security::MutualTls);
-                relay::carry_stream(shared.records.open(conn), client, &mut tunnel, Caller::App)
-                    .await;
+                carry_meshed(conn, client, &mut tunnel, shared).await;
                 return;
             }
             Err(reason) => {
@@ -237,6 +240,7 @@ fn new_connection(
         destination_identity: peer.map(|p| p.identity.to_string()),
         destination_workload: peer.map(|p| p.workload.clone()),
         destination_service: target.service.clone(),
+        peer_certificate_serial: None,
         security,
     }
 }

@@ -103,6 +103,8 @@ struct Tunnel {
     streams: AtomicUsize,
     /// The certificate generation it was made with.
     generation: u64,
+    /// Serial number of the certificate the destination agent presented.
+    peer_certificate_serial: Option<String>,
     /// Set when the connection has ended; it takes no more streams.
     closed: AtomicBool,
     /// When its last stream ended.
@@ -112,6 +114,13 @@ struct Tunnel {
 /// A stream's place on its tunnel: counted until dropped.
 pub struct Lease {
     tunnel: Arc<Tunnel>,
+}
+
+impl Lease {
+    /// Serial number of the certificate the destination agent presented on this tunnel.
+    pub fn peer_certificate_serial(&self) -> Option<&str> {
+        self.tunnel.peer_certificate_serial.as_deref()
+    }
 }
 
 impl Drop for Lease {
@@ -239,6 +248,7 @@ impl TunnelPool {
         let (tls, _) = tls::connect(config, &key.identity, ReadAhead::new(tcp))
             .await
             .map_err(|e| format!("mutual TLS with the destination agent: {e}"))?;
+        let peer_certificate_serial = tls::peer_certificate_serial(tls.get_ref().1).ok();
         let (sender, connection) = hbone::client_builder(self.limits.max_streams)
             .handshake::<_, Bytes>(tls)
             .await
@@ -247,6 +257,7 @@ impl TunnelPool {
             sender,
             streams: AtomicUsize::new(1),
             generation,
+            peer_certificate_serial,
             closed: AtomicBool::new(false),
             idle_since: Mutex::new(Instant::now()),
         });

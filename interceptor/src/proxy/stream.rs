@@ -23,18 +23,20 @@ pub struct H2Stream {
     send: SendStream<Bytes>,
     recv: RecvStream,
     /// The pool's count of the tunnel's streams, on the client side: released on drop.
-    _lease: Option<Lease>,
+    lease: Option<Lease>,
 }
 
 impl H2Stream {
+    /// Serial number of the certificate the destination agent presented on the stream's
+    /// tunnel (client side only).
+    pub fn peer_certificate_serial(&self) -> Option<&str> {
+        self.lease.as_ref()?.peer_certificate_serial()
+    }
+
     /// Wraps the two halves of an accepted or opened stream; `lease` counts it against its
     /// tunnel's stream limit until the stream is dropped.
     pub fn new(send: SendStream<Bytes>, recv: RecvStream, lease: Option<Lease>) -> Self {
-        Self {
-            send,
-            recv,
-            _lease: lease,
-        }
+        Self { send, recv, lease }
     }
 
     /// Resets the stream (`RST_STREAM CANCEL`): the peer's side fails at once, and the tunnel
@@ -77,6 +79,11 @@ fn to_io(error: h2::Error) -> io::Error {
 
 /// Largest read from the app handed to the tunnel at once, as one DATA frame's payload.
 const CHUNK: usize = 256 * 1024;
+/// A connection's first read buffer. A payload holds its whole buffer until HTTP/2 has sent
+/// it, so a few bytes in a `CHUNK`-sized buffer pinned 256 KiB of address space each: 10,000
+/// connections answering at once made the allocator map 2 GB and keep 9 MiB of bookkeeping
+/// for it (RELIABILITY.md, "Soak"). 8 KiB stays in the allocator's small size classes.
+const FIRST_READ: usize = 8 * 1024;
 /// A read buffer with less room than this left is replaced by a new one.
 const MIN_ROOM: usize = 16 * 1024;
 
@@ -102,16 +109,31 @@ pub async fn relay(app: &mut TcpStream, stream: &mut H2Stream) -> io::Result<(u6
 }
 
 /// App to stream.
-#[derive(Default)]
 struct Up {
     /// Where reads from the app land; split off and frozen into the payload.
     buffer: Option<BytesMut>,
+    /// Capacity of the next buffer: from [`FIRST_READ`], doubled after each read that filled
+    /// its buffer, up to [`CHUNK`], so bulk transfers soon read in large chunks.
+    capacity: usize,
     /// Read, not yet given to HTTP/2.
     pending: Bytes,
     moved: u64,
     /// The app half-closed.
     read_done: bool,
     done: bool,
+}
+
+impl Default for Up {
+    fn default() -> Self {
+        Self {
+            buffer: None,
+            capacity: FIRST_READ,
+            pending: Bytes::new(),
+            moved: 0,
+            read_done: false,
+            done: false,
+        }
+    }
 }
 
 impl Up {
@@ -147,11 +169,16 @@ impl Up {
             if let Err(e) = ready!(app.poll_read_ready(cx)) {
                 return Poll::Ready(Err(e));
             }
+            let capacity = self.capacity;
             let buffer = self
                 .buffer
-                .get_or_insert_with(|| BytesMut::with_capacity(CHUNK));
+                .get_or_insert_with(|| BytesMut::with_capacity(capacity));
+            let room = buffer.capacity() - buffer.len();
             match app.try_read_buf(buffer) {
                 Ok(n) => {
+                    if n == room {
+                        self.capacity = (capacity * 2).min(CHUNK);
+                    }
                     self.pending = buffer.split().freeze();
                     if buffer.capacity() < MIN_ROOM {
                         self.buffer = None;

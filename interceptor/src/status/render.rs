@@ -339,6 +339,7 @@ mod tests {
                 destination_identity: Some(identity.clone()),
                 destination_workload: Some(long.clone()),
                 destination_service: None,
+                peer_certificate_serial: None,
                 security: Security::Plaintext,
             },
             verdict: Verdict::Dropped,
