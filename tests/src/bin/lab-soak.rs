@@ -620,9 +620,9 @@ impl Soak {
 /// each leaves a TIME_WAIT socket for 60 s on the side that closed first: in the client pod,
 /// and in the server pod for node 2's agent, which connects to the app from the caller's
 /// address. Rounds of 10,000 about 40 s apart need 30,000 ports within that time; Linux's
-/// default range (32768–60999) holds 28,232, and a run of 5 rounds lost 514 connections of
-/// round 4 to it (node 2's agent could not connect to the app, so node 1's reset the caller),
-/// as a client connecting directly would have.
+/// default range (32768–60999) holds 28,232, and a run of 5 rounds with it lost 514
+/// connections of round 4 (reset), which a wider range cured; a client connecting directly
+/// would meet the same limit.
 fn widen_ephemeral_ports(lab: &Lab, pod: &Pod) -> anyhow::Result<()> {
     let mut sysctl = lab.in_pod_netns(pod, "sysctl")?;
     sysctl.args(["-qw", "net.ipv4.ip_local_port_range=1024 65535"]);
