@@ -279,3 +279,70 @@ impl H2Stream {
         let _ = self.recv.flow_control().release_capacity(n);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use tokio::{
+        io::AsyncWriteExt,
+        net::{TcpListener, TcpStream},
+    };
+
+    use super::*;
+
+    /// A connected pair on loopback: (the app's end, the relay's end).
+    async fn pair() -> (TcpStream, TcpStream) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let app = TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        (app, listener.accept().await.unwrap().0)
+    }
+
+    /// What one read hands to HTTP/2.
+    async fn read_once(up: &mut Up, relay_end: &TcpStream) -> Bytes {
+        std::future::poll_fn(|cx| up.poll_read(cx, relay_end))
+            .await
+            .unwrap();
+        std::mem::take(&mut up.pending)
+    }
+
+    #[tokio::test]
+    async fn a_small_message_is_read_into_a_small_buffer() {
+        let (mut app, relay_end) = pair().await;
+        app.write_all(b"x").await.unwrap();
+        let mut up = Up::default();
+        let payload = read_once(&mut up, &relay_end).await;
+        assert_eq!(&payload[..], b"x");
+        assert_eq!(up.capacity, FIRST_READ);
+        // The payload keeps its whole buffer alive until HTTP/2 has sent it: once the relay's
+        // share is gone, the payload owns that buffer, and it is small.
+        drop(up);
+        let buffer = BytesMut::from(payload);
+        assert!(buffer.capacity() <= 8 * 1024, "{}", buffer.capacity());
+    }
+
+    #[tokio::test]
+    async fn a_bulk_transfer_grows_its_reads_up_to_a_chunk() {
+        const SENT: usize = 32 * CHUNK;
+        let (mut app, relay_end) = pair().await;
+        let writer = tokio::spawn(async move { app.write_all(&vec![7u8; SENT]).await });
+        let mut up = Up::default();
+        let mut sizes = Vec::new();
+        let mut received = 0;
+        while received < SENT {
+            let size = read_once(&mut up, &relay_end).await.len();
+            received += size;
+            sizes.push(size);
+        }
+        writer.await.unwrap().unwrap();
+        // How much each read finds depends on how fast the writer refills the socket; what
+        // holds is where the reads start, where they stop, and that they grow.
+        assert!(sizes[0] <= 8 * 1024, "first read {}", sizes[0]);
+        assert!(sizes.iter().all(|&size| size <= CHUNK), "{sizes:?}");
+        assert!(
+            sizes.iter().any(|&size| size > 8 * FIRST_READ),
+            "reads never grew past {} bytes: {sizes:?}",
+            8 * FIRST_READ
+        );
+    }
+}
