@@ -2,9 +2,9 @@
 //!
 //! See ARCHITECTURE.md for the map of modules, ports and kernel programs.
 //!
-//! `unsafe` is denied except in the modules that call kernel or C interfaces: the eBPF maps and events
-//! ([`ebpf`]), network namespaces ([`netns`]), the delivery sockets and routing netlink
-//! ([`delivery`]), the descriptor limits ([`limits`]) and the allocator's statistics
+//! `unsafe` is denied except in the modules that call kernel or C interfaces: the eBPF maps
+//! and events ([`ebpf`]), network namespaces ([`netns`]), the delivery sockets and routing
+//! netlink ([`delivery`]), the descriptor limits ([`limits`]) and the allocator's statistics
 //! ([`memory`]).
 #![deny(unsafe_code)]
 

@@ -288,8 +288,8 @@ pub fn peer_identity(state: &CommonState) -> Result<Identity, TlsError> {
     Ok(Identity::from_certificate(peer_leaf(state)?)?)
 }
 
-/// The serial number of the peer's leaf certificate (see [`crate::identity::certificate_serial`]),
-/// once the handshake is done.
+/// The serial number of the peer's leaf certificate, once the handshake is done (see
+/// [`crate::identity::certificate_serial`]).
 pub fn peer_certificate_serial(state: &CommonState) -> Result<String, TlsError> {
     Ok(crate::identity::certificate_serial(peer_leaf(state)?)?)
 }

@@ -339,12 +339,6 @@ fn after_certificate_renewal_new_streams_use_a_new_tunnel_and_old_ones_finish() 
         opened == 2,
         "a tunnel with the new certificate expected, {opened} opened"
     );
-    // The old tunnel still carries its connection...
-    let check = held.check()?;
-    ensure!(
-        check["ok"] == 1,
-        "the connection on the old tunnel broke: {check}"
-    );
     // The destination saw which certificate each tunnel presented: the new connection's is
     // one node 1 renewed, the held connection's the one from before.
     let renewed: Vec<String> = lab
@@ -384,6 +378,12 @@ fn after_certificate_renewal_new_streams_use_a_new_tunnel_and_old_ones_finish() 
     ensure!(
         destination.len() >= 16 && destination.chars().all(|c| c.is_ascii_hexdigit()),
         "the destination's certificate serial: {destination:?}"
+    );
+    // The old tunnel still carries its connection...
+    let check = held.check()?;
+    ensure!(
+        check["ok"] == 1,
+        "the connection on the old tunnel broke: {check}"
     );
     // ...and closes once that connection ends (the new one is idle but within its timeout).
     held.close()?;

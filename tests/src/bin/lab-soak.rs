@@ -643,8 +643,8 @@ const FD_SLACK: u64 = 2;
 /// Memory allowed per record the ring gained since the baseline (a record with its
 /// identities, workloads and reason is well under 1 KiB).
 const RECORD_KIB: usize = 1;
-/// Live data (the allocator's `allocated`) an agent may hold above its baseline after a
-/// round, besides the record ring's growth.
+/// Live data (the allocator's `allocated` less `cached`) an agent may hold above its
+/// baseline after a round, besides the record ring's growth.
 const LIVE_SLACK_KIB: u64 = 1024;
 /// How much an agent's live data may grow from the end of round 1 to the end of a later
 /// round. Live data moved by at most 1 KiB in five rounds (9,405 KiB after each); a leak of
